@@ -1,0 +1,72 @@
+"""The event-bus contract shared by producers (services) and consumers (trainer)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+class BusError(Exception):
+    """The bus could not take or give events (unreachable, or over a capacity limit)."""
+
+
+class BusFull(BusError):
+    """The bus cannot accept more events right now (e.g. the spool is at its cap): push back."""
+
+
+@dataclass(frozen=True)
+class TopicConfig:
+    inference: str = "fuseloop.inference"
+    feedback: str = "fuseloop.feedback"
+    dead_letter: str = "fuseloop.dead-letter"
+
+    def all(self) -> list[str]:
+        return [self.inference, self.feedback, self.dead_letter]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One event as read back: where it sits, and its protobuf bytes."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+class EventBus(ABC):
+    """Publishes protobuf payloads. `publish` returns only once the event is durable."""
+
+    @abstractmethod
+    def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        """Durable on return (acked by the broker, or fsynced locally), else raises BusError."""
+
+    def publish_many(self, topic: str, items: list[tuple[bytes, bytes]]) -> None:
+        """Publishes (key, value) pairs; durable on return. Implementations batch the sync."""
+        for key, value in items:
+            self.publish(topic, key, value)
+
+    @abstractmethod
+    def consumer(self, group: str, topics: list[str]) -> "BusConsumer":
+        """A consumer-group member reading `topics` from the group's committed offsets."""
+
+    def close(self) -> None:
+        """Flushes and releases resources."""
+
+
+class BusConsumer(ABC):
+    @abstractmethod
+    def poll(self, max_records: int = 500, timeout_s: float = 1.0) -> list[Record]:
+        """Returns the next records after the last ones polled (possibly none)."""
+
+    @abstractmethod
+    def commit(self, offsets: dict[tuple[str, int], int] | None = None) -> None:
+        """Commits next-offsets per (topic, partition); None commits everything polled so far."""
+
+    @abstractmethod
+    def position(self) -> dict[tuple[str, int], int]:
+        """Next offset to read per (topic, partition) assigned to this member."""
+
+    def close(self) -> None:
+        """Leaves the group without committing."""

@@ -1,0 +1,122 @@
+"""Preprocessing, the one copy that training and serving both run.
+
+Images arrive as PNG/JPEG bytes (serving, logged events) or PIL images (pretraining renders);
+both go through `image_array`. The config travels in each version's manifest, so a served
+model is always fed exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from transformers import PreTrainedTokenizerFast
+
+
+class InvalidInput(ValueError):
+    """The input cannot be used; the message says what was wrong (maps to INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    image_size: int = 32
+    mean: float = 0.5
+    std: float = 0.5
+    max_prompt_tokens: int = 24
+    max_response_tokens: int = 32
+    # Decompression-bomb and abuse limits, checked before pixels are decoded.
+    max_image_bytes: int = 4 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    image_formats: tuple[str, ...] = ("PNG", "JPEG")
+
+
+def decode_image(data: bytes, config: PreprocessConfig) -> Image.Image:
+    if not data:
+        raise InvalidInput("image is empty: send PNG or JPEG bytes")
+    if len(data) > config.max_image_bytes:
+        raise InvalidInput(f"image is {len(data)} bytes; the limit is {config.max_image_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format not in config.image_formats:
+                raise InvalidInput(f"image format {img.format} is not accepted; use {', '.join(config.image_formats)}")
+            # The header's size is known before decoding: refuse bombs without inflating them.
+            w, h = img.size
+            if w * h > config.max_image_pixels:
+                raise InvalidInput(f"image is {w}x{h} = {w * h} pixels; the limit is {config.max_image_pixels}")
+            img.load()
+    except InvalidInput:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InvalidInput(f"image refused as a decompression bomb: {e}") from None
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise InvalidInput(f"image could not be decoded as PNG or JPEG: {e}") from None
+    return img
+
+
+def image_array(img: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """(3, H, W) float32, resized and normalized."""
+    img = img.convert("RGB")
+    if img.size != (config.image_size, config.image_size):
+        img = img.resize((config.image_size, config.image_size), Image.BILINEAR)
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    return ((x - config.mean) / config.std).transpose(2, 0, 1).copy()
+
+
+class Preprocessor:
+    """Turns images, prompts and responses into model inputs, and token ids back into text."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, config: PreprocessConfig) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.pad_id = tokenizer.pad_token_id
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+
+    def image(self, image: bytes | Image.Image) -> np.ndarray:
+        img = decode_image(image, self.config) if isinstance(image, (bytes, bytearray)) else image
+        return image_array(img, self.config)
+
+    def images(self, images: list[bytes | Image.Image]) -> np.ndarray:
+        return np.stack([self.image(i) for i in images])
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if not prompt.strip():
+            raise InvalidInput("prompt is empty")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if len(ids) > self.config.max_prompt_tokens:
+            raise InvalidInput(f"prompt is {len(ids)} tokens; the limit is {self.config.max_prompt_tokens}")
+        return ids
+
+    def prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask), both (B, S) int64, right-padded."""
+        return self._pad([self.prompt_ids(p) for p in prompts])
+
+    def response_ids(self, response: str) -> list[int]:
+        """Response tokens without BOS, ending in EOS, truncated to the response limit."""
+        ids = self.tokenizer.encode(response, add_special_tokens=False)[: self.config.max_response_tokens - 1]
+        return ids + [self.eos_id]
+
+    def responses(self, responses: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Decoder inputs for scoring: [BOS] + tokens + [EOS], right-padded; (ids, mask)."""
+        return self._pad([[self.bos_id] + self.response_ids(r) for r in responses])
+
+    def decode(self, ids: list[int]) -> str:
+        ids = [i for i in ids if i not in (self.pad_id, self.bos_id)]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        width = max(1, max(len(s) for s in seqs))
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+        return ids, mask

@@ -1,0 +1,174 @@
+"""The model repository: NVIDIA Triton's layout, plus fuseloop's per-version manifest.
+
+    <root>/fuseloop_encoder/<v>/model.onnx     image + prompt -> fused memory
+    <root>/fuseloop_encoder/<v>/manifest.json  the version's manifest (below)
+    <root>/fuseloop_encoder/<v>/tokenizer/     AutoTokenizer.from_pretrained loads it
+    <root>/fuseloop_decoder/<v>/model.onnx     one decoder step with KV cache
+    <root>/fuseloop_reward/<v>/model.onnx      reward model: (image, prompt, response) -> scalar
+    <root>/<model>/config.pbtxt                Triton ModelConfig (dynamic batching)
+
+A fused version is the same number across the three models. The manifest, kept where
+preprocessing happens (the encoder), records a sha256 for every file of the version, the
+tokenizer and preprocessing config, the I/O signatures, training metrics, the parent version
+and the lineage of the data it learned from. Serving refuses a version that doesn't match it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fuseloop.preprocessing import PreprocessConfig
+
+ENCODER, DECODER, REWARD = "fuseloop_encoder", "fuseloop_decoder", "fuseloop_reward"
+MODELS = (ENCODER, DECODER, REWARD)
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+FORMAT_VERSION = 1
+
+
+class RepositoryError(Exception):
+    """The repository or a version in it is missing, malformed or fails verification."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str  # KServe v2 / Triton names: FP32, INT64, ...
+    shape: tuple[int, ...]  # -1 for dynamic, batch dimension included
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], d["datatype"], tuple(d["shape"]))
+
+
+@dataclass
+class Manifest:
+    version: int
+    parent_version: int | None
+    created_at: str
+    files: dict[str, str]  # path relative to the repository root -> sha256
+    signatures: dict[str, dict[str, list[dict]]]  # model -> {"inputs": [...], "outputs": [...]}
+    model_config: dict
+    preprocess: dict
+    metrics: dict = field(default_factory=dict)
+    lineage: dict = field(default_factory=dict)  # offsets and event counts it learned from
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        return cls(**json.loads(text))
+
+    def preprocess_config(self) -> PreprocessConfig:
+        d = dict(self.preprocess)
+        d["image_formats"] = tuple(d.get("image_formats", ("PNG", "JPEG")))
+        return PreprocessConfig(**d)
+
+    def io(self, model: str, kind: str) -> list[TensorSpec]:
+        return [TensorSpec.from_dict(t) for t in self.signatures[model][kind]]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ModelRepository:
+    """Reads and writes versions under one root. Writes are atomic per model folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def version_dir(self, model: str, version: int) -> Path:
+        return self.root / model / str(version)
+
+    def versions(self) -> list[int]:
+        """Complete versions (all three models present, with a manifest), ascending."""
+        enc = self.root / ENCODER
+        if not enc.is_dir():
+            return []
+        out = []
+        for d in enc.iterdir():
+            if d.name.isdigit() and (d / MANIFEST).exists() and all(
+                (self.version_dir(m, int(d.name)) / MODEL_FILE).exists() for m in MODELS
+            ):
+                out.append(int(d.name))
+        return sorted(out)
+
+    def latest(self) -> int | None:
+        v = self.versions()
+        return v[-1] if v else None
+
+    def next_version(self) -> int:
+        existing = [int(d.name) for m in MODELS if (self.root / m).is_dir()
+                    for d in (self.root / m).iterdir() if d.name.isdigit()]
+        return max(existing, default=0) + 1
+
+    def manifest(self, version: int) -> Manifest:
+        path = self.version_dir(ENCODER, version) / MANIFEST
+        if not path.exists():
+            raise RepositoryError(f"version {version} has no manifest at {path}")
+        try:
+            return Manifest.from_json(path.read_text())
+        except (ValueError, TypeError) as e:
+            raise RepositoryError(f"version {version}: manifest is malformed: {e}") from None
+
+    def model_path(self, model: str, version: int) -> Path:
+        return self.version_dir(model, version) / MODEL_FILE
+
+    def tokenizer_dir(self, version: int) -> Path:
+        return self.version_dir(ENCODER, version) / "tokenizer"
+
+    def verify(self, version: int) -> Manifest:
+        """Checks every file's sha256 against the manifest; raises RepositoryError on a mismatch."""
+        manifest = self.manifest(version)
+        for rel, digest in sorted(manifest.files.items()):
+            path = self.root / rel
+            if not path.exists():
+                raise RepositoryError(f"version {version}: {rel} is missing")
+            actual = sha256_file(path)
+            if actual != digest:
+                raise RepositoryError(f"version {version}: checksum mismatch for {rel} "
+                                      f"(manifest {digest[:12]}..., file {actual[:12]}...)")
+        return manifest
+
+    def write_version(self, version: int, staged: dict[str, Path], tokenizer_dir: Path, manifest: Manifest,
+                      triton_configs: dict[str, bytes]) -> Manifest:
+        """Copies staged ONNX files (model -> path) and the tokenizer in, fills checksums, writes
+        the manifest last so a half-written version is never listed."""
+        if version in self.versions():
+            raise RepositoryError(f"version {version} already exists in {self.root}")
+        files = {}
+        for model in MODELS:
+            vdir = self.version_dir(model, version)
+            vdir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(staged[model], vdir / MODEL_FILE)
+            files[f"{model}/{version}/{MODEL_FILE}"] = sha256_file(vdir / MODEL_FILE)
+            config_path = self.root / model / "config.pbtxt"
+            config_path.write_bytes(triton_configs[model])
+        tok_dst = self.tokenizer_dir(version)
+        shutil.copytree(tokenizer_dir, tok_dst, dirs_exist_ok=True)
+        for p in sorted(tok_dst.rglob("*")):
+            if p.is_file():
+                files[str(p.relative_to(self.root))] = sha256_file(p)
+        manifest.files = files
+        manifest.version = version
+        tmp = self.version_dir(ENCODER, version) / (MANIFEST + ".tmp")
+        tmp.write_text(manifest.to_json())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(self.version_dir(ENCODER, version) / MANIFEST)
+        return manifest

@@ -1,0 +1,184 @@
+"""Export: a checkpoint's policy and reward model -> ONNX graphs -> a new repository version.
+
+Three graphs: the fused encoder, one decoder step with a KV cache, and the reward model. Triton's
+config.pbtxt is written through Triton's own ModelConfig protobuf, not string templates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from fuseloop.checkpoint import Checkpoint
+from fuseloop.model import FusedPolicy, RewardModel
+from fuseloop.repository import DECODER, ENCODER, MODELS, REWARD, Manifest, ModelRepository, TensorSpec
+
+ONNX_TO_KSERVE = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.INT32: "INT32",
+                  onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.FLOAT16: "FP16"}
+KSERVE_TO_TRITON = {"FP32": mc.TYPE_FP32, "INT64": mc.TYPE_INT64, "INT32": mc.TYPE_INT32, "BOOL": mc.TYPE_BOOL,
+                    "FP16": mc.TYPE_FP16}
+OPSET = 20
+MAX_BATCH = 64
+
+
+class EncoderGraph(torch.nn.Module):
+    def __init__(self, policy: FusedPolicy) -> None:
+        super().__init__()
+        self.encoder = policy.encoder
+
+    def forward(self, pixel_values, prompt_ids, prompt_mask):
+        return self.encoder(pixel_values, prompt_ids, prompt_mask)
+
+
+class DecoderStepGraph(torch.nn.Module):
+    def __init__(self, policy: FusedPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids, position_ids, attention_mask, memory, memory_mask, past):
+        return self.policy.decode_step(input_ids, position_ids, attention_mask, memory, memory_mask, past)
+
+
+def example_inputs(ckpt: Checkpoint, batch: int = 2, prompt_len: int = 5, past_len: int = 3, seed: int = 0):
+    """Random but well-formed inputs for each graph (also used by the parity tests)."""
+    cfg = ckpt.model_config
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)
+    prompt_ids = torch.randint(4, cfg.vocab_size, (batch, prompt_len), generator=g)
+    prompt_mask = torch.ones(batch, prompt_len, dtype=torch.long)
+    prompt_mask[0, -1] = 0  # exercise padding
+    memory, memory_mask = ckpt.policy.encoder(pixels, prompt_ids, prompt_mask)
+    T = 2  # not 1: torch.export would specialize a size-1 dimension
+    step = dict(
+        input_ids=torch.randint(4, cfg.vocab_size, (batch, T), generator=g),
+        position_ids=torch.full((batch, T), past_len, dtype=torch.long),
+        attention_mask=torch.ones(batch, past_len + T, dtype=torch.long),
+        memory=memory.detach(), memory_mask=memory_mask,
+        past=torch.randn(batch, 2 * cfg.n_decoder_layers, cfg.n_heads, past_len, cfg.head_dim, generator=g),
+    )
+    step["attention_mask"][0, 0] = 0  # a left-padded cache row
+    resp_len = 4
+    response_ids = torch.randint(4, cfg.vocab_size, (batch, resp_len), generator=g)
+    response_mask = torch.ones(batch, resp_len, dtype=torch.long)
+    response_mask[-1, -1] = 0
+    encoder = dict(pixel_values=pixels, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
+    reward = dict(encoder, response_ids=response_ids, response_mask=response_mask)
+    return encoder, step, reward
+
+
+def _export(module: torch.nn.Module, inputs: dict, outputs: list[str], dynamic: dict, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args=(), kwargs=inputs, f=None, input_names=list(inputs), output_names=outputs,
+            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, verbose=False,
+        )
+    program.save(str(path), external_data=False)
+
+
+def export_graphs(ckpt: Checkpoint, out_dir: Path) -> dict[str, Path]:
+    """Writes model -> ONNX path for the encoder, decoder step and reward model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.policy.eval()
+    ckpt.reward.eval()
+    enc_in, step_in, rew_in = example_inputs(ckpt)
+    B, S, T, M, R = (torch.export.Dim(n, min=1, max=4096) for n in ("batch", "prompt", "new", "memory", "resp"))
+    P = torch.export.Dim("past", min=0, max=4096)
+    paths = {m: out_dir / f"{m}.onnx" for m in MODELS}
+    with torch.no_grad():
+        _export(EncoderGraph(ckpt.policy), enc_in, ["memory", "memory_mask"],
+                {"pixel_values": {0: B}, "prompt_ids": {0: B, 1: S}, "prompt_mask": {0: B, 1: S}}, paths[ENCODER])
+        _export(DecoderStepGraph(ckpt.policy), step_in, ["logits", "present"],
+                {"input_ids": {0: B, 1: T}, "position_ids": {0: B, 1: T}, "attention_mask": {0: B, 1: torch.export.Dim.AUTO},
+                 "memory": {0: B, 1: M}, "memory_mask": {0: B, 1: M}, "past": {0: B, 3: P}}, paths[DECODER])
+        _export(ckpt.reward, rew_in, ["reward"],
+                {"pixel_values": {0: B}, "prompt_ids": {0: B, 1: S}, "prompt_mask": {0: B, 1: S},
+                 "response_ids": {0: B, 1: R}, "response_mask": {0: B, 1: R}}, paths[REWARD])
+    return paths
+
+
+def graph_signature(path: Path) -> dict[str, list[dict]]:
+    """The I/O signature as the ONNX file declares it (-1 for symbolic dimensions)."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def spec(v) -> dict:
+        t = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+        return TensorSpec(v.name, ONNX_TO_KSERVE[t.elem_type], dims).to_dict()
+
+    return {"inputs": [spec(v) for v in model.graph.input], "outputs": [spec(v) for v in model.graph.output]}
+
+
+def triton_config(model: str, signature: dict[str, list[dict]], max_queue_delay_us: int = 2000) -> bytes:
+    """config.pbtxt through Triton's ModelConfig protobuf. Dims exclude the batch dimension."""
+    cfg = mc.ModelConfig(
+        name=model, platform="onnxruntime_onnx", max_batch_size=MAX_BATCH,
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=max_queue_delay_us),
+        # Two versions loaded at once, so a new one is warmed beside the serving one.
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=2)),
+        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)],
+    )
+    for t in signature["inputs"]:
+        cfg.input.append(mc.ModelInput(name=t["name"], data_type=KSERVE_TO_TRITON[t["datatype"]], dims=t["shape"][1:]))
+    for t in signature["outputs"]:
+        cfg.output.append(mc.ModelOutput(name=t["name"], data_type=KSERVE_TO_TRITON[t["datatype"]], dims=t["shape"][1:]))
+    return text_format.MessageToString(cfg).encode()
+
+
+def export_parity(ckpt: Checkpoint, paths: dict[str, Path]) -> float:
+    """Max abs difference between ONNX Runtime and PyTorch on example inputs, over all outputs."""
+    import onnxruntime as ort
+
+    worst = 0.0
+    enc_in, step_in, rew_in = example_inputs(ckpt, batch=3)
+    with torch.no_grad():
+        cases = [
+            (ENCODER, enc_in, EncoderGraph(ckpt.policy)(**enc_in)),
+            (DECODER, step_in, DecoderStepGraph(ckpt.policy)(**step_in)),
+            (REWARD, rew_in, (ckpt.reward(**rew_in),)),
+        ]
+    for model, inputs, expected in cases:
+        sess = ort.InferenceSession(str(paths[model]), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
+        for g, e in zip(got, expected):
+            worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - e.numpy().astype(np.float64)))))
+    return worst
+
+
+def publish(ckpt: Checkpoint, repo: ModelRepository, parent_version: int | None = None,
+            metrics: dict | None = None, lineage: dict | None = None) -> Manifest:
+    """Exports the checkpoint as the repository's next version and returns its manifest."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fuseloop-export-") as tmp:
+        tmp = Path(tmp)
+        paths = export_graphs(ckpt, tmp / "onnx")
+        signatures = {m: graph_signature(p) for m, p in paths.items()}
+        parity = export_parity(ckpt, paths)
+        tok_dir = tmp / "tokenizer"
+        ckpt.preprocessor.tokenizer.save_pretrained(str(tok_dir))
+        manifest = Manifest(
+            version=0, parent_version=parent_version,
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            files={}, signatures=signatures, model_config=ckpt.model_config.to_dict(),
+            preprocess=_preprocess_dict(ckpt), metrics=dict(metrics or ckpt.metrics),
+            lineage=dict(lineage or {"source": "pretrain"}),
+        )
+        manifest.metrics["export_max_abs_diff"] = parity
+        manifest.metrics["export_seconds"] = round(time.perf_counter() - t0, 1)
+        configs = {m: triton_config(m, signatures[m]) for m in MODELS}
+        return repo.write_version(repo.next_version(), paths, tok_dir, manifest, configs)
+
+
+def _preprocess_dict(ckpt: Checkpoint) -> dict:
+    from dataclasses import asdict
+
+    return asdict(ckpt.preprocessor.config)
