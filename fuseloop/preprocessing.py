@@ -113,10 +113,15 @@ class Preprocessor:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def _pad(self, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        width = max(1, max(len(s) for s in seqs))
-        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = s
-            mask[i, : len(s)] = 1
-        return ids, mask
+        return pad_right(seqs, self.pad_id)
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (ids, mask), both (B, S) int64, right-padded (serving batches use it too)."""
+    width = max(1, max(len(s) for s in seqs))
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask

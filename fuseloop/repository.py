@@ -3,6 +3,7 @@
     <root>/fuseloop_encoder/<v>/model.onnx     image + prompt -> fused memory
     <root>/fuseloop_encoder/<v>/manifest.json  the version's manifest (below)
     <root>/fuseloop_encoder/<v>/tokenizer/     AutoTokenizer.from_pretrained loads it
+    <root>/fuseloop_encoder/<v>/checkpoint/    the PyTorch weights, so the trainer can warm-start
     <root>/fuseloop_decoder/<v>/model.onnx     one decoder step with KV cache
     <root>/fuseloop_reward/<v>/model.onnx      reward model: (image, prompt, response) -> scalar
     <root>/<model>/config.pbtxt                Triton ModelConfig (dynamic batching)
@@ -145,10 +146,14 @@ class ModelRepository:
                                       f"(manifest {digest[:12]}..., file {actual[:12]}...)")
         return manifest
 
-    def write_version(self, version: int, staged: dict[str, Path], tokenizer_dir: Path, manifest: Manifest,
+    def checkpoint_dir(self, version: int) -> Path:
+        return self.version_dir(ENCODER, version) / "checkpoint"
+
+    def write_version(self, version: int, staged: dict[str, Path], extra_dirs: dict[str, Path], manifest: Manifest,
                       triton_configs: dict[str, bytes]) -> Manifest:
-        """Copies staged ONNX files (model -> path) and the tokenizer in, fills checksums, writes
-        the manifest last so a half-written version is never listed."""
+        """Copies staged ONNX files (model -> path) and extra folders (name -> path, e.g. tokenizer,
+        checkpoint) into the version, fills checksums, and writes the manifest last so a
+        half-written version is never listed."""
         if version in self.versions():
             raise RepositoryError(f"version {version} already exists in {self.root}")
         files = {}
@@ -159,11 +164,12 @@ class ModelRepository:
             files[f"{model}/{version}/{MODEL_FILE}"] = sha256_file(vdir / MODEL_FILE)
             config_path = self.root / model / "config.pbtxt"
             config_path.write_bytes(triton_configs[model])
-        tok_dst = self.tokenizer_dir(version)
-        shutil.copytree(tokenizer_dir, tok_dst, dirs_exist_ok=True)
-        for p in sorted(tok_dst.rglob("*")):
-            if p.is_file():
-                files[str(p.relative_to(self.root))] = sha256_file(p)
+        for name, src in extra_dirs.items():
+            dst = self.version_dir(ENCODER, version) / name
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+            for p in sorted(dst.rglob("*")):
+                if p.is_file():
+                    files[str(p.relative_to(self.root))] = sha256_file(p)
         manifest.files = files
         manifest.version = version
         tmp = self.version_dir(ENCODER, version) / (MANIFEST + ".tmp")
@@ -172,3 +178,32 @@ class ModelRepository:
             os.fsync(f.fileno())
         tmp.replace(self.version_dir(ENCODER, version) / MANIFEST)
         return manifest
+
+
+@dataclass
+class ServingState:
+    """Which version serves, the one before it (for rollback) and the deploy history."""
+
+    serving: int | None = None
+    previous: int | None = None
+    history: list[int] = field(default_factory=list)
+
+
+SERVING_STATE = "serving.json"
+
+
+def read_serving_state(root: Path) -> ServingState:
+    path = Path(root) / SERVING_STATE
+    if not path.exists():
+        return ServingState()
+    return ServingState(**json.loads(path.read_text()))
+
+
+def write_serving_state(root: Path, state: ServingState) -> None:
+    """Atomic replace, so a crash never leaves a half-written state file."""
+    path = Path(root) / SERVING_STATE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state)))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -78,22 +79,51 @@ def example_inputs(ckpt: Checkpoint, batch: int = 2, prompt_len: int = 5, past_l
 def _export(module: torch.nn.Module, inputs: dict, outputs: list[str], dynamic: dict, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # optimize=False keeps every weight an initializer named after its parameter, which is what
+        # lets later versions reuse the graph (`swap_weights`); ORT optimizes at session creation.
         program = torch.onnx.export(
             module, args=(), kwargs=inputs, f=None, input_names=list(inputs), output_names=outputs,
-            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, verbose=False,
+            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, verbose=False, optimize=False,
         )
     program.save(str(path), external_data=False)
 
 
-def export_graphs(ckpt: Checkpoint, out_dir: Path) -> dict[str, Path]:
-    """Writes model -> ONNX path for the encoder, decoder step and reward model."""
+def graph_modules(ckpt: Checkpoint) -> dict[str, torch.nn.Module]:
+    """The module each graph is exported from; its state_dict names are the graph's initializers."""
+    return {ENCODER: EncoderGraph(ckpt.policy), DECODER: DecoderStepGraph(ckpt.policy), REWARD: ckpt.reward}
+
+
+def swap_weights(template: Path, module: torch.nn.Module, out: Path) -> bool:
+    """Writes `template` with `module`'s weights; False when the graph doesn't fit the module
+    (a different architecture), in which case the caller traces afresh."""
+    model = onnx.load(str(template))
+    state = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    inits = model.graph.initializer
+    if not inits or any(i.name not in state or tuple(i.dims) != state[i.name].shape for i in inits):
+        return False
+    for init in inits:
+        init.CopyFrom(onnx.numpy_helper.from_array(state[init.name].astype(np.float32, copy=False)
+                                                   if init.data_type == onnx.TensorProto.FLOAT else state[init.name],
+                                                   init.name))
+    onnx.save(model, str(out))
+    return True
+
+
+def export_graphs(ckpt: Checkpoint, out_dir: Path, templates: dict[str, Path] | None = None) -> dict[str, Path]:
+    """Writes model -> ONNX path for the encoder, decoder step and reward model. With `templates`
+    (the same architecture's graphs, e.g. the parent version's), only the weights are swapped in:
+    tracing takes tens of seconds, a swap well under one. The parity check verifies either way."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt.policy.eval()
     ckpt.reward.eval()
+    paths = {m: out_dir / f"{m}.onnx" for m in MODELS}
+    if templates is not None:
+        modules = graph_modules(ckpt)
+        if all(swap_weights(templates[m], modules[m], paths[m]) for m in MODELS):
+            return paths
     enc_in, step_in, rew_in = example_inputs(ckpt)
     B, S, T, M, R = (torch.export.Dim(n, min=1, max=4096) for n in ("batch", "prompt", "new", "memory", "resp"))
     P = torch.export.Dim("past", min=0, max=4096)
-    paths = {m: out_dir / f"{m}.onnx" for m in MODELS}
     with torch.no_grad():
         _export(EncoderGraph(ckpt.policy), enc_in, ["memory", "memory_mask"],
                 {"pixel_values": {0: B}, "prompt_ids": {0: B, 1: S}, "prompt_mask": {0: B, 1: S}}, paths[ENCODER])
@@ -160,11 +190,12 @@ def publish(ckpt: Checkpoint, repo: ModelRepository, parent_version: int | None 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fuseloop-export-") as tmp:
         tmp = Path(tmp)
-        paths = export_graphs(ckpt, tmp / "onnx")
+        paths = export_graphs(ckpt, tmp / "onnx", same_architecture_graphs(repo, ckpt))
         signatures = {m: graph_signature(p) for m, p in paths.items()}
         parity = export_parity(ckpt, paths)
         tok_dir = tmp / "tokenizer"
         ckpt.preprocessor.tokenizer.save_pretrained(str(tok_dir))
+        ckpt.save(tmp / "checkpoint")
         manifest = Manifest(
             version=0, parent_version=parent_version,
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -175,7 +206,16 @@ def publish(ckpt: Checkpoint, repo: ModelRepository, parent_version: int | None 
         manifest.metrics["export_max_abs_diff"] = parity
         manifest.metrics["export_seconds"] = round(time.perf_counter() - t0, 1)
         configs = {m: triton_config(m, signatures[m]) for m in MODELS}
-        return repo.write_version(repo.next_version(), paths, tok_dir, manifest, configs)
+        extra = {"tokenizer": tok_dir, "checkpoint": tmp / "checkpoint"}
+        return repo.write_version(repo.next_version(), paths, extra, manifest, configs)
+
+
+def same_architecture_graphs(repo: ModelRepository, ckpt: Checkpoint) -> dict[str, Path] | None:
+    """The newest version's graphs when its model config equals the checkpoint's."""
+    for version in reversed(repo.versions()):
+        if repo.manifest(version).model_config == ckpt.model_config.to_dict():
+            return {m: repo.model_path(m, version) for m in MODELS}
+    return None
 
 
 def _preprocess_dict(ckpt: Checkpoint) -> dict:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 
@@ -46,6 +48,11 @@ class EventBus(ABC):
         """Publishes (key, value) pairs; durable on return. Implementations batch the sync."""
         for key, value in items:
             self.publish(topic, key, value)
+
+    async def publish_many_async(self, topic: str, items: list[tuple[bytes, bytes]], executor: Executor | None = None) -> None:
+        """`publish_many` for asyncio callers: durable on return, without blocking the event loop.
+        By default it runs `publish_many` on `executor`; implementations may do better."""
+        await asyncio.get_running_loop().run_in_executor(executor, self.publish_many, topic, items)
 
     @abstractmethod
     def consumer(self, group: str, topics: list[str]) -> "BusConsumer":

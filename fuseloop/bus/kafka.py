@@ -12,15 +12,18 @@ the idempotent producer is used where `api_version` says the broker has it.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import os
 import threading
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from fuseloop.bus.base import BusConsumer, BusError, EventBus, Record, TopicConfig
@@ -40,7 +43,7 @@ class KafkaBusConfig:
     spool_max_bytes: int = 1 << 30  # past this, publish raises BusFull
     send_timeout_s: float = 10.0  # no ack within this: the events go to the spool instead
     delivery_timeout_s: float = 30.0  # how long the producer itself keeps retrying a record
-    linger_ms: int = 2
+    linger_ms: int = 0  # records batch up anyway while a request is in flight
     batch_size: int = 256 * 1024
     compression: str | None = "gzip"  # gzip needs no extra library; lz4/snappy/zstd do
     replay_interval_s: float = 1.0  # how often the spool replayer retries while Kafka is away
@@ -72,6 +75,7 @@ def producer_settings(config: KafkaBusConfig) -> dict:
         request_timeout_ms=min(30_000, int(config.delivery_timeout_s * 1000) - config.linger_ms - 1),
         bootstrap_timeout_ms=int(config.send_timeout_s * 1000),
         reconnect_backoff_max_ms=1000,
+        metrics_enabled=False,  # kafka-python's own sensors cost CPU on every record; we export our own
     )
     if config.api_version is not None:
         settings["api_version"] = tuple(config.api_version)
@@ -90,25 +94,33 @@ class KafkaBus(EventBus):
     def __init__(self, config: KafkaBusConfig, topics: TopicConfig | None = None) -> None:
         self.config = config
         self.topics = topics or TopicConfig()
-        self._spool = Spool(config.spool_path, max_bytes=config.spool_max_bytes)
+        # The spool is opened (and its directory locked) only when needed, so processes that just
+        # consume, or never see Kafka fail, leave it to the one that does.
+        self._spool: Spool | None = None
         self._producer: KafkaProducer | None = None
         self._producer_lock = threading.Lock()
         # Held while choosing between Kafka and the spool, and while appending to the spool.
         self._mode_lock = threading.Lock()
-        self._spooling = self._spool.pending_records > 0  # left over from the last run: replay first
+        self._spooling = False
         self._inflight: tuple[list[SpooledRecord], list] | None = None
         self._closed = threading.Event()
         self._wake = threading.Event()
+        if _holds_records(config.spool_path):  # left over from the last run: replay first
+            try:
+                with self._mode_lock:
+                    self._spooling = self._open_spool().pending_records > 0
+            except BusError as e:
+                log.warning("not replaying %s: %s", config.spool_path, e)
         self._replayer = threading.Thread(target=self._replay_loop, name="kafka-spool-replay", daemon=True)
         self._replayer.start()
         if self._spooling:
-            log.warning("%d events wait in the spool %s; replaying them into Kafka", self._spool.pending_records, config.spool_path)
+            log.warning("%d events wait in the spool %s; replaying them into Kafka", self.spooled, config.spool_path)
             self._wake.set()
 
     @property
     def spooled(self) -> int:
         """Events waiting in the local spool for Kafka."""
-        return self._spool.pending_records
+        return self._spool.pending_records if self._spool is not None else 0
 
     def publish(self, topic: str, key: bytes, value: bytes) -> None:
         self.publish_many(topic, [(key, value)])
@@ -130,13 +142,49 @@ class KafkaBus(EventBus):
                 log.warning("Kafka did not ack within %.1fs (%s); spooling to %s", self.config.send_timeout_s, e, self.config.spool_path)
         self._append_to_spool([(topic, key, value) for key, value in items])
 
+    async def publish_many_async(self, topic: str, items: list[tuple[bytes, bytes]], executor: Executor | None = None) -> None:
+        """Hands the events to the producer on the caller's loop and awaits the acks, with no thread
+        per call; falls back to the blocking path whenever it might block (spooling, no metadata yet)."""
+        producer = self._producer
+        if not items or self._spooling or producer is None or producer._metadata.partitions_for_topic(topic) is None:
+            return await super().publish_many_async(topic, items, executor)
+        loop = asyncio.get_running_loop()
+        acked = loop.create_future()
+        remaining = itertools.count(len(items) - 1, -1)  # next() is atomic under the GIL
+
+        def on_ack(_: object) -> None:
+            if next(remaining) == 0:
+                loop.call_soon_threadsafe(_resolve, acked, None)
+
+        def on_error(error: BaseException) -> None:
+            loop.call_soon_threadsafe(_resolve, acked, error)
+
+        # A timer instead of asyncio.wait_for: no extra task per call.
+        timer = loop.call_later(
+            self.config.send_timeout_s, _resolve, acked, KafkaTimeoutError(f"no ack within {self.config.send_timeout_s}s")
+        )
+        try:
+            for key, value in items:
+                producer.send(topic, key=key, value=value).add_callback(on_ack).add_errback(on_error)
+            await acked
+            return
+        except KafkaError as e:
+            error: BaseException = e
+        finally:
+            timer.cancel()
+        if not _worth_spooling(error):
+            raise BusError(f"Kafka refused the events: {error}") from error
+        log.warning("Kafka did not ack (%s); spooling to %s", error, self.config.spool_path)
+        records = [(topic, key, value) for key, value in items]
+        await loop.run_in_executor(executor, self._append_to_spool, records)
+
     def consumer(self, group: str, topics: list[str]) -> "KafkaBusConsumer":
         return KafkaBusConsumer(self.config, group, topics)
 
     def wait_until_replayed(self, timeout_s: float) -> bool:
         """True once the spool is empty (everything handed to Kafka); for tests and shutdown."""
         deadline = time.monotonic() + timeout_s
-        while self._spooling or self._spool.pending_records:
+        while self._spooling or self.spooled:
             if time.monotonic() > deadline:
                 return False
             self._wake.set()
@@ -155,13 +203,20 @@ class KafkaBus(EventBus):
                 except KafkaError as e:  # the spool holds anything unacked
                     log.warning("closing the Kafka producer: %s", e)
                 self._producer = None
-        self._spool.close()
+        if self._spool is not None:
+            self._spool.close()
 
     def _append_to_spool(self, records: list[tuple[str, bytes, bytes]]) -> None:
         with self._mode_lock:
-            self._spool.append(records)  # BusFull past the cap: the caller pushes back
+            self._open_spool().append(records)  # BusFull past the cap: the caller pushes back
             self._spooling = True
         self._wake.set()
+
+    def _open_spool(self) -> Spool:
+        """Call with _mode_lock held."""
+        if self._spool is None:
+            self._spool = Spool(self.config.spool_path, max_bytes=self.config.spool_max_bytes)
+        return self._spool
 
     def _get_producer(self) -> KafkaProducer:
         with self._producer_lock:
@@ -185,7 +240,7 @@ class KafkaBus(EventBus):
             try:
                 self._replay()
             except KafkaError as e:
-                log.info("spool replay waits for Kafka: %s (%d events spooled)", e, self._spool.pending_records)
+                log.info("spool replay waits for Kafka: %s (%d events spooled)", e, self.spooled)
             except Exception:  # keep the thread alive; the events stay in the spool
                 log.exception("spool replay failed; retrying in %.1fs", self.config.replay_interval_s)
             if self._spooling:
@@ -194,12 +249,14 @@ class KafkaBus(EventBus):
     def _replay(self) -> None:
         """Sends the spool's oldest batch, waits for its acks, acknowledges it in the spool, repeats.
         A batch whose acks are late is not sent again while the producer still retries it."""
+        spool = self._spool
+        assert spool is not None  # _spooling is only set once the spool is open
         while not self._closed.is_set():
             if self._inflight is None:
-                batch = self._spool.peek(self.config.replay_batch)
+                batch = spool.peek(self.config.replay_batch)
                 if not batch:
                     with self._mode_lock:
-                        if self._spool.pending_records == 0:
+                        if spool.pending_records == 0:
                             self._spooling = False
                             log.info("spool replayed; publishing straight to Kafka again")
                             return
@@ -222,7 +279,7 @@ class KafkaBus(EventBus):
                 if _worth_spooling(failed):
                     raise failed
                 self._set_aside(batch, failed)
-            self._spool.ack(batch)
+            spool.ack(batch)
 
     def _set_aside(self, batch: list[SpooledRecord], error: Exception) -> None:
         """Kafka will never take these (e.g. too large): keep them out of the queue's way, on disk."""
@@ -232,6 +289,15 @@ class KafkaBus(EventBus):
         finally:
             aside.close()
         log.error("Kafka rejected %d spooled events (%s); kept in %s/rejected", len(batch), error, self.config.spool_path)
+
+
+def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(None)
+
+
+def _holds_records(spool_dir: Path) -> bool:
+    return any(p.stat().st_size > 0 for p in spool_dir.glob("*.seg")) if spool_dir.is_dir() else False
 
 
 def _worth_spooling(error: BaseException) -> bool:

@@ -7,9 +7,19 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from fuseloop.bus.base import EventBus, TopicConfig
+
+
+DEFAULT_BUS_ENV = "FUSELOOP_BUS"
+
+
+def default_bus_url() -> str:
+    """$FUSELOOP_BUS, else the embedded bus in ./.fuseloop/bus.db (one machine, no Kafka needed)."""
+    return os.environ.get(DEFAULT_BUS_ENV) or f"sqlite://{Path.cwd().resolve() / '.fuseloop' / 'bus.db'}"
 
 
 def parse_api_version(text: str) -> tuple[int, ...] | None:

@@ -1,6 +1,6 @@
 """The feedback gRPC server: FeedbackService + health + reflection on one grpc.aio server.
 
-`serve_feedback(config, bus)` runs it in the caller's event loop (the CLI); `FeedbackServer`
+`serve_feedback(config, bus, stop)` runs it in the caller's event loop (the CLI); `FeedbackServer`
 runs it on a thread of its own with start()/stop(), for tests, benchmarks and the demo.
 """
 
@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from fuseloop.bus import EventBus, TopicConfig
 from fuseloop.v1 import events_pb2, feedback_pb2
 from services.feedback.app_tokens import AppTokens
+from services.feedback.metrics import FeedbackMetrics
 from services.feedback.pseudonym import Pseudonymizer
 from services.feedback.service import FeedbackService, safe_deserializer
 from services.feedback.validation import FeedbackLimits
@@ -34,10 +35,12 @@ class FeedbackServiceConfig:
     topics: TopicConfig = field(default_factory=TopicConfig)
     max_text_bytes: int = 8 * 1024
     max_id_bytes: int = 256
-    max_batch: int = 1000  # events per SubmitBatch, and per bus write in Stream
+    max_batch: int = 1000  # events per SubmitBatch
+    stream_chunk: int = 100  # a Stream writes its events to the bus in chunks of this many
     max_message_bytes: int = 4 * 1024 * 1024
     recent_event_ids: int = 100_000  # remembered to answer resubmits as duplicates
     publish_threads: int = 32  # bus writes block until durable; this many may wait at once
+    metrics_port: int | None = None  # serve Prometheus /metrics here (0: any free port)
     shutdown_grace_s: float = 5.0
 
     @property
@@ -45,7 +48,25 @@ class FeedbackServiceConfig:
         return FeedbackLimits(max_text_bytes=self.max_text_bytes, max_id_bytes=self.max_id_bytes)
 
 
-async def build_server(config: FeedbackServiceConfig, bus: EventBus, executor: ThreadPoolExecutor) -> tuple[grpc.aio.Server, int]:
+def _counted(method: str, handler, metrics: FeedbackMetrics):
+    async def counted(request, context: grpc.aio.ServicerContext):
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            response = await handler(request, context)
+            code = grpc.StatusCode.OK
+            return response
+        except grpc.aio.AbortError:
+            code = context.code() or code
+            raise
+        finally:
+            metrics.requests.labels(method, code.name).inc()
+
+    return counted
+
+
+async def build_server(
+    config: FeedbackServiceConfig, bus: EventBus, executor: ThreadPoolExecutor, metrics: FeedbackMetrics
+) -> tuple[grpc.aio.Server, int]:
     """A started server and the port it listens on."""
     service = FeedbackService(
         bus=bus,
@@ -54,7 +75,9 @@ async def build_server(config: FeedbackServiceConfig, bus: EventBus, executor: T
         pseudonymizer=Pseudonymizer(config.pseudonym_key),
         limits=config.limits,
         max_batch=config.max_batch,
+        stream_chunk=config.stream_chunk,
         executor=executor,
+        metrics=metrics,
         recent_event_ids=config.recent_event_ids,
     )
     server = grpc.aio.server(
@@ -70,17 +93,17 @@ async def build_server(config: FeedbackServiceConfig, bus: EventBus, executor: T
                 SERVICE_NAME,
                 {
                     "Submit": grpc.unary_unary_rpc_method_handler(
-                        service.submit,
+                        _counted("Submit", service.submit, metrics),
                         request_deserializer=event,
                         response_serializer=feedback_pb2.SubmitResponse.SerializeToString,
                     ),
                     "SubmitBatch": grpc.unary_unary_rpc_method_handler(
-                        service.submit_batch,
+                        _counted("SubmitBatch", service.submit_batch, metrics),
                         request_deserializer=safe_deserializer(feedback_pb2.SubmitBatchRequest),
                         response_serializer=feedback_pb2.SubmitBatchResponse.SerializeToString,
                     ),
                     "Stream": grpc.stream_unary_rpc_method_handler(
-                        service.stream,
+                        _counted("Stream", service.stream, metrics),
                         request_deserializer=event,
                         response_serializer=feedback_pb2.SubmitBatchResponse.SerializeToString,
                     ),
@@ -100,16 +123,26 @@ async def build_server(config: FeedbackServiceConfig, bus: EventBus, executor: T
     return server, port
 
 
-async def serve_feedback(config: FeedbackServiceConfig, bus: EventBus, ready: asyncio.Event | None = None) -> None:
-    """Serves until cancelled, then stops gracefully (in-flight calls get `shutdown_grace_s`)."""
+def new_metrics(bus: EventBus) -> FeedbackMetrics:
+    spooled = getattr(bus, "spooled", None)  # only the Kafka bus spools
+    return FeedbackMetrics(spooled=(lambda: bus.spooled) if spooled is not None else None)
+
+
+async def serve_feedback(config: FeedbackServiceConfig, bus: EventBus, stop: asyncio.Event) -> None:
+    """Serves until `stop` is set, then stops gracefully (in-flight calls get `shutdown_grace_s`)."""
+    metrics = new_metrics(bus)
     with ThreadPoolExecutor(config.publish_threads, thread_name_prefix="feedback-publish") as executor:
-        server, _ = await build_server(config, bus, executor)
-        if ready is not None:
-            ready.set()
+        server, port = await build_server(config, bus, executor, metrics)
+        metrics_port = metrics.serve_http(config.host, config.metrics_port) if config.metrics_port is not None else None
+        print(
+            f"feedback service on {config.host}:{port}" + (f", metrics on :{metrics_port}/metrics" if metrics_port else ""),
+            flush=True,
+        )
         try:
-            await server.wait_for_termination()
+            await stop.wait()
         finally:
-            await asyncio.shield(server.stop(config.shutdown_grace_s))
+            await server.stop(config.shutdown_grace_s)
+            metrics.stop_http()
 
 
 class FeedbackServer:
@@ -119,6 +152,8 @@ class FeedbackServer:
         self.config = config
         self.bus = bus
         self.port = 0
+        self.metrics = new_metrics(bus)
+        self.metrics_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
         self._thread: threading.Thread | None = None
@@ -137,13 +172,15 @@ class FeedbackServer:
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
             try:
-                self._server, self.port = self._loop.run_until_complete(build_server(self.config, self.bus, self._executor))
+                self._server, self.port = self._loop.run_until_complete(build_server(self.config, self.bus, self._executor, self.metrics))
+                if self.config.metrics_port is not None:
+                    self.metrics_port = self.metrics.serve_http(self.config.host, self.config.metrics_port)
             except BaseException as e:  # reported to start()'s caller
                 failure.append(e)
                 started.set()
                 return
             started.set()
-            self._loop.run_until_complete(self._server.wait_for_termination())
+            self._loop.run_forever()  # until stop()
             self._loop.close()
 
         self._thread = threading.Thread(target=run, name="feedback-server", daemon=True)
@@ -157,9 +194,11 @@ class FeedbackServer:
         if self._server is not None and self._loop is not None and self._thread is not None and self._thread.is_alive():
             grace = self.config.shutdown_grace_s if grace_s is None else grace_s
             asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
+            self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        self.metrics.stop_http()
         self._server = None
 
     def __enter__(self) -> "FeedbackServer":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -18,10 +17,12 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from fuseloop.bus import BusError, BusFull, EventBus, EventDeduper, dedupe_key
+from fuseloop.events import EVENT_SCHEMA_VERSION, now_ms
 from fuseloop.v1 import events_pb2, feedback_pb2
 from services.feedback.app_tokens import AppTokens, Unauthenticated
+from services.feedback.metrics import FeedbackMetrics
 from services.feedback.pseudonym import Pseudonymizer
-from services.feedback.validation import FEEDBACK_SCHEMA_VERSION, FeedbackLimits, InvalidFeedback, check_event
+from services.feedback.validation import FeedbackLimits, InvalidFeedback, check_event
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,11 @@ class FeedbackService:
         pseudonymizer: Pseudonymizer,
         limits: FeedbackLimits,
         max_batch: int,
+        stream_chunk: int,
         executor: Executor,
+        metrics: FeedbackMetrics,
         recent_event_ids: int = 100_000,
-        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self._bus = bus
         self._topic = topic
@@ -64,7 +67,9 @@ class FeedbackService:
         self._pseudonymizer = pseudonymizer
         self._limits = limits
         self._max_batch = max_batch
+        self._stream_chunk = min(stream_chunk, max_batch)
         self._executor = executor
+        self._metrics = metrics
         self._recent = EventDeduper(capacity=recent_event_ids)
         self._clock_ms = clock_ms
 
@@ -110,7 +115,7 @@ class FeedbackService:
                 )
             pending.append(request)
             received += 1
-            if len(pending) >= self._max_batch:
+            if len(pending) >= self._stream_chunk:
                 a, d = await self._publish(pending, app_id, context)
                 accepted, duplicates, pending = accepted + a, duplicates + d, []
         a, d = await self._publish(pending, app_id, context)
@@ -139,7 +144,7 @@ class FeedbackService:
         check_event(event, self._limits)
         event.app_id = app_id  # from the token, whatever the client claimed
         event.user_id = self._pseudonymizer.user(app_id, event.user_id)
-        event.schema_version = FEEDBACK_SCHEMA_VERSION
+        event.schema_version = EVENT_SCHEMA_VERSION
         if event.timestamp_ms == 0:
             event.timestamp_ms = self._clock_ms()
 
@@ -155,13 +160,18 @@ class FeedbackService:
         if fresh:
             items = [(e.session_id.encode("utf-8"), e.SerializeToString()) for e in fresh]
             loop = asyncio.get_running_loop()
+            started = loop.time()
             try:
-                await loop.run_in_executor(self._executor, self._bus.publish_many, self._topic, items)
+                await self._bus.publish_many_async(self._topic, items, self._executor)
             except BusFull as e:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"not accepted, retry later: {e}")
             except BusError as e:
                 log.error("publishing feedback failed: %s", e)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"not accepted, retry later: {e}")
+            self._metrics.publish_seconds.observe(loop.time() - started)
             for key in keys:
                 self._recent.add(key)
+            self._metrics.count_accepted(app_id, [e.WhichOneof("signal") for e in fresh])
+        if len(events) > len(fresh):
+            self._metrics.duplicates.labels(app_id).inc(len(events) - len(fresh))
         return len(fresh), len(events) - len(fresh)

@@ -6,11 +6,8 @@ from dataclasses import dataclass
 
 from google.protobuf import unknown_fields
 
+from fuseloop.events import EVENT_SCHEMA_VERSION, SIGNALS, signal_kind
 from fuseloop.v1 import events_pb2
-
-# The envelope version this service writes; consumers refuse versions they do not know.
-FEEDBACK_SCHEMA_VERSION = 1
-SIGNALS = ("thumbs", "rating", "preference", "correction", "implicit")
 
 
 class InvalidFeedback(ValueError):
@@ -26,9 +23,9 @@ class FeedbackLimits:
 
 def check_event(event: events_pb2.FeedbackEvent, limits: FeedbackLimits) -> None:
     """Raises InvalidFeedback for the first broken rule."""
-    if event.schema_version not in (0, FEEDBACK_SCHEMA_VERSION):
+    if event.schema_version not in (0, EVENT_SCHEMA_VERSION):
         raise InvalidFeedback(
-            f"schema_version {event.schema_version} is not supported: this service speaks {FEEDBACK_SCHEMA_VERSION}"
+            f"schema_version {event.schema_version} is not supported: this service speaks {EVENT_SCHEMA_VERSION}"
         )
     _require_id(event.event_id, "event_id", limits)
     _require_id(event.session_id, "session_id", limits)
@@ -36,7 +33,7 @@ def check_event(event: events_pb2.FeedbackEvent, limits: FeedbackLimits) -> None
     if event.timestamp_ms < 0:
         raise InvalidFeedback(f"timestamp_ms must be unix milliseconds (>= 0), got {event.timestamp_ms}")
 
-    signal = event.WhichOneof("signal")
+    signal = signal_kind(event)
     if signal is None:
         unknown = sorted({f.field_number for f in unknown_fields.UnknownFieldSet(event)})
         hint = f" (it carries fields {unknown} this service does not know: a newer client?)" if unknown else ""

@@ -1,0 +1,107 @@
+"""`fuseloop`: one command line for every job. Each area registers its own subcommands;
+imports are lazy so `fuseloop --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from trainer.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig.quick() if args.quick else PretrainConfig()
+    if args.steps:
+        cfg = replace(cfg, steps=args.steps)
+    if args.fusion:
+        cfg = replace(cfg, model=replace(cfg.model, fusion=args.fusion))
+    metrics = pretrain(cfg, Path(args.out))
+    print(json.dumps(metrics, indent=2))
+    print(f"base gold accuracy (greedy, test split): {metrics['gold_accuracy_greedy']:.3f}  -> {args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fuseloop.checkpoint import Checkpoint
+    from fuseloop.repository import ModelRepository
+    from trainer.export import publish
+
+    manifest = publish(Checkpoint.load(Path(args.run_dir)), ModelRepository(Path(args.repo)), parent_version=args.parent)
+    print(f"wrote version {manifest.version} to {args.repo} "
+          f"(export {manifest.metrics['export_seconds']} s, max |onnx - torch| {manifest.metrics['export_max_abs_diff']:.2e})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from fuseloop.demo.loop import DemoConfig, run_demo
+
+    out = Path(args.out) if args.out else Path("demo-out") / time.strftime("%Y%m%d-%H%M%S")
+    cfg = DemoConfig.quick(out) if args.quick else DemoConfig(out=out)
+    cfg = replace(cfg, **{k: v for k, v in (("rounds", args.rounds), ("users", args.users), ("bus", args.bus),
+                                            ("requests_per_round", args.requests_per_round)) if v is not None})
+    # With --json, stdout carries only the final JSON object; the tables go to stderr.
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
+    result = run_demo(cfg, log=log)
+    log(f"gold accuracy {result['base_gold_accuracy']:.3f} -> {result['final_gold_accuracy']:.3f} "
+        f"in {result['seconds']:.0f} s; report: {out / 'report.png'}, repository: {out / 'model-repository'}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fuseloop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="supervised pretraining of the base policy and initial reward model")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--quick", action="store_true", help="a tiny setting for tests")
+    p.add_argument("--steps", type=int, default=0, help="override the number of policy steps")
+    p.add_argument("--fusion", choices=("early", "late", "hybrid"), help="fusion of image and prompt")
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("export", help="export a run directory as the next version of a model repository")
+    p.add_argument("run_dir")
+    p.add_argument("--repo", required=True)
+    p.add_argument("--parent", type=int, default=None, help="parent version recorded in the manifest")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("demo", help="the closed loop on one machine with simulated users")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--users", type=int, help="concurrent simulated users")
+    p.add_argument("--requests-per-round", type=int)
+    p.add_argument("--bus", help="default: an embedded SQLite bus; or kafka://HOST:PORT?api_version=0.9")
+    p.add_argument("--out", help="output folder (default demo-out/<timestamp>)")
+    p.add_argument("--quick", action="store_true", help="small settings (a minute or two)")
+    p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
+    p.set_defaults(func=_demo)
+
+    serve = sub.add_parser("serve", help="run a service").add_subparsers(dest="service", required=True)
+    bench = sub.add_parser("bench", help="benchmarks, side by side with a baseline").add_subparsers(dest="bench", required=True)
+
+    from services.feedback import cli as feedback_cli
+    from services.inference import cli as inference_cli
+    from trainer import cli as trainer_cli
+
+    inference_cli.add_serve_parser(serve)
+    inference_cli.add_bench_parser(bench)
+    feedback_cli.add_serve_parser(serve)
+    feedback_cli.add_bench_parser(bench)
+    trainer_cli.add_parsers(sub, bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The demo's outputs a person reads: a table per round and a PNG of the curves."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from trainer.plots import plot_curves
+
+
+def _f(x, fmt: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def print_round_table(rounds: list[dict], base_gold: float, log=print) -> None:
+    head = (f"{'round':>5} {'version':>7} {'deployed':>8} {'thumbs':>6} {'rating':>6} {'pref':>5} {'corr':>5} "
+            f"{'implicit':>8} {'RM acc':>6} {'KL':>6} {'gold acc':>8} {'live acc':>8} {'p50 ms':>7} {'p99 ms':>7} {'train s':>7}")
+    log(head)
+    log(f"{'base':>5} {1:>7} {'yes':>8} {'':>6} {'':>6} {'':>5} {'':>5} {'':>8} {'':>6} {'':>6} {_f(base_gold):>8}")
+    for r in rounds:
+        e = r["events"]
+        log(f"{r['round']:>5} {r['version']:>7} {('yes' if r['deployed'] else 'no'):>8} {e['thumbs']:>6} {e['rating']:>6} "
+            f"{e['preference']:>5} {e['correction']:>5} {e['implicit']:>8} {_f(r['rm_pairwise_accuracy']):>6} "
+            f"{_f(r['kl']):>6} {_f(r['gold_accuracy']):>8} {_f(r['live_accuracy']):>8} {_f(r['p50_ms'], '.1f'):>7} "
+            f"{_f(r['p99_ms'], '.1f'):>7} {_f(r['train_seconds'], '.0f'):>7}")
+        if r["gate"]:
+            log(f"      gate refused: {'; '.join(r['gate'])}")
+
+
+def write_report_png(path: Path, result: dict) -> Path:
+    rounds = result["rounds"]
+
+    def series(key: str, base=None) -> list[float]:
+        vals = [float("nan") if r[key] is None else r[key] for r in rounds]
+        return ([base] if base is not None else []) + vals
+
+    return plot_curves(path, "fuseloop demo: the model getting better", {
+        "gold accuracy (test split, greedy)": series("gold_accuracy", result["base_gold_accuracy"]),
+        "live accuracy (served answers)": series("live_accuracy"),
+        "KL to reference": series("kl", 0.0),
+        "RM held-out pairwise accuracy": series("rm_pairwise_accuracy"),
+    }, xlabel="round (0 = base)")

@@ -1,0 +1,302 @@
+"""`fuseloop bench inference`: the service against its limit and against itself unbatched.
+
+Side by side, in one run, for Generate and Score at each concurrency (closed loop: every client
+sends its next request as soon as the previous answer arrives):
+
+- service:   the real server over gRPC (in a subprocess; the load generator is a grpc.aio client here)
+- raw:       the same work in process, no gRPC, no threads: preprocess, then ONNX Runtime on batches
+             of `concurrency` requests (static batching, the same sampling), back to back. The limit.
+- unbatched: the real server with max batch 1 (generation and scoring).
+
+Generate samples at temperature 1 with a seed per request, so every contender produces the same
+tokens (the same work). Numbers are requests/s and latency percentiles in ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fuseloop.repository import ModelRepository
+
+PROMPT_COUNT = 64
+
+
+@dataclass
+class BenchConfig:
+    repo: Path | None = None
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    seconds: float = 3.0  # measured per cell, after a warm-up
+    warmup_s: float = 0.5
+    max_new_tokens: int = 0  # 0: the model's limit
+    temperature: float = 1.0
+    threads: int = 1  # ORT intra-op threads for every contender (the machine has few cores)
+    max_batch: int = 32
+
+
+@dataclass
+class Cell:
+    contender: str
+    rpc: str
+    concurrency: int
+    requests: int
+    seconds: float
+    throughput: float  # requests/s
+    p50_ms: float
+    p99_ms: float
+    tokens_per_s: float = 0.0
+    failures: int = 0
+
+
+@dataclass
+class Workload:
+    images: list[bytes]
+    prompts: list[str]
+    responses: list[str]
+
+    @classmethod
+    def scenes(cls, n: int = PROMPT_COUNT) -> "Workload":
+        from fuseloop.scenes import make_split, png_bytes, render
+
+        examples = make_split("test", n)
+        return cls([png_bytes(render(e.scene)) for e in examples], [e.prompt for e in examples],
+                   [e.answer for e in examples])
+
+
+def summarize(contender: str, rpc: str, concurrency: int, latencies: list[float], seconds: float,
+              tokens: int = 0, failures: int = 0) -> Cell:
+    lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    return Cell(contender, rpc, concurrency, len(latencies), round(seconds, 3), round(len(latencies) / seconds, 1),
+                round(float(np.percentile(lat, 50)), 3), round(float(np.percentile(lat, 99)), 3),
+                round(tokens / seconds, 1), failures)
+
+
+# -- raw ONNX Runtime in process -----------------------------------------------------------------
+class RawRunner:
+    """The lean loop: what the service would cost without gRPC, queues or threads."""
+
+    def __init__(self, repo: ModelRepository, threads: int) -> None:
+        from services.inference.runtime.onnx_runtime import OnnxRuntime, OnnxRuntimeConfig
+
+        self.loaded = OnnxRuntime(OnnxRuntimeConfig(intra_op_threads=threads)).load(repo, repo.latest())
+        self.pre = self.loaded.preprocessor
+        self.eos = int(self.loaded.manifest.model_config["eos_id"])
+        self.bos = int(self.loaded.manifest.model_config["bos_id"])
+
+    def generate(self, w: Workload, idx: list[int], max_new: int, temperature: float) -> int:
+        """One static batch; returns the number of tokens generated."""
+        from fuseloop.sampling import sample_next, sequence_rng
+
+        pre, lv = self.pre, self.loaded
+        pixels = pre.images([w.images[i] for i in idx])
+        ids, mask = pre.prompts([w.prompts[i] for i in idx])
+        memory, memory_mask = lv.encode(pixels, ids, mask)
+        B = len(idx)
+        rngs = [sequence_rng(i, 0) for i in idx]
+        temp, top_p = np.full(B, temperature), np.ones(B)
+        past = lv.empty_past(B)
+        token = np.full((B, 1), self.bos, dtype=np.int64)
+        done = np.zeros(B, dtype=bool)
+        out = []
+        for t in range(max_new):
+            logits, past = lv.decode_step(token, np.full((B, 1), t, dtype=np.int64), np.ones((B, t + 1), dtype=np.int64),
+                                          memory, memory_mask, past)
+            nxt, _ = sample_next(logits[:, -1], temp, top_p, np.array([r.random() for r in rngs]))
+            out.append(np.where(done, -1, nxt))
+            done |= nxt == self.eos
+            token = nxt[:, None]
+            if done.all():
+                break
+        rows = np.stack(out, axis=1).tolist()
+        texts = [pre.decode([t for t in row if t >= 0]) for row in rows]  # as the service answers text
+        return sum(len([t for t in row if t >= 0]) for row in rows) if texts is not None else 0
+
+    def score(self, w: Workload, idx: list[int]) -> None:
+        pixels = self.pre.images([w.images[i] for i in idx])
+        ids, mask = self.pre.prompts([w.prompts[i] for i in idx])
+        rids, rmask = self.pre.responses([w.responses[i] for i in idx])
+        self.loaded.score(pixels, ids, mask, rids, rmask)
+
+
+def run_raw(runner: RawRunner, w: Workload, rpc: str, concurrency: int, cfg: BenchConfig, max_new: int) -> Cell:
+    latencies, tokens, k = [], 0, 0
+    start = time.perf_counter()
+    warm_until = start + cfg.warmup_s
+    end = warm_until + cfg.seconds
+    measured_from = None
+    while True:
+        t0 = time.perf_counter()
+        if t0 >= end:
+            break
+        idx = [(k + j) % len(w.prompts) for j in range(concurrency)]
+        k += concurrency
+        n = runner.generate(w, idx, max_new, cfg.temperature) if rpc == "Generate" else runner.score(w, idx)
+        t1 = time.perf_counter()
+        if t0 >= warm_until:
+            measured_from = measured_from or t0
+            latencies += [t1 - t0] * concurrency
+            tokens += n or 0
+    return summarize("raw", rpc, concurrency, latencies, time.perf_counter() - (measured_from or start), tokens)
+
+
+# -- the service over gRPC -----------------------------------------------------------------------
+def _serve(repo: str, max_batch: int, threads: int, port_queue) -> None:
+    """Subprocess entry: the server with the given max batch, until terminated."""
+    from services.inference.config import InferenceServiceConfig
+    from services.inference.runtime import make_runtime
+    from services.inference.server import InferenceServer
+
+    async def main() -> None:
+        config = InferenceServiceConfig(port=0, max_batch=max_batch, score_max_batch=max_batch, max_queue=1024,
+                                        score_max_queue=1024)
+        server = InferenceServer(config, make_runtime("onnxruntime", intra_op_threads=threads), ModelRepository(Path(repo)))
+        await server.start()
+        port_queue.put(server.port)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+class ServerProcess:
+    def __init__(self, repo: Path, max_batch: int, threads: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.ports = ctx.Queue()
+        self.process = ctx.Process(target=_serve, args=(str(repo), max_batch, threads, self.ports), daemon=True)
+
+    def __enter__(self) -> str:
+        self.process.start()
+        return f"127.0.0.1:{self.ports.get(timeout=120)}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        self.process.join(10)
+
+
+async def _load(address: str, w: Workload, rpc: str, concurrency: int, cfg: BenchConfig, max_new: int
+                ) -> tuple[list[float], int, int, float]:
+    import grpc
+
+    from fuseloop.v1 import events_pb2, inference_pb2, inference_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        latencies: list[float] = []
+        counters = {"tokens": 0, "failures": 0, "next": 0}
+        start = time.perf_counter()
+        warm_until = start + cfg.warmup_s
+        end = warm_until + cfg.seconds
+
+        async def client() -> None:
+            while (t0 := time.perf_counter()) < end:
+                i = counters["next"] % len(w.prompts)
+                counters["next"] += 1
+                try:
+                    if rpc == "Generate":
+                        r = await stub.Generate(inference_pb2.GenerateRequest(
+                            image=w.images[i], prompt=w.prompts[i],
+                            sampling=events_pb2.SamplingParams(max_new_tokens=max_new, temperature=cfg.temperature,
+                                                               seed=i)))
+                        n = sum(c.num_tokens for c in r.candidates)
+                    else:
+                        await stub.Score(inference_pb2.ScoreRequest(image=w.images[i], prompt=w.prompts[i],
+                                                                    response=w.responses[i]))
+                        n = 0
+                except grpc.aio.AioRpcError:
+                    counters["failures"] += 1
+                    continue
+                if t0 >= warm_until:
+                    latencies.append(time.perf_counter() - t0)
+                    counters["tokens"] += n
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return latencies, counters["tokens"], counters["failures"], time.perf_counter() - warm_until
+
+
+def run_service(address: str, contender: str, w: Workload, rpc: str, concurrency: int, cfg: BenchConfig,
+                max_new: int) -> Cell:
+    latencies, tokens, failures, seconds = asyncio.run(_load(address, w, rpc, concurrency, cfg, max_new))
+    return summarize(contender, rpc, concurrency, latencies, seconds, tokens, failures)
+
+
+# -- the run -------------------------------------------------------------------------------------
+def quick_repository(root: Path) -> Path:
+    from fuseloop.checkpoint import Checkpoint
+    from trainer.export import publish
+    from trainer.pretrain import PretrainConfig, pretrain
+
+    print("no --repo: pretraining a quick model (about a minute)...", file=sys.stderr)
+    pretrain(PretrainConfig.quick(), root / "run")
+    publish(Checkpoint.load(root / "run"), ModelRepository(root / "repo"))
+    return root / "repo"
+
+
+def bench(cfg: BenchConfig) -> dict:
+    with tempfile.TemporaryDirectory(prefix="fuseloop-bench-") as tmp:
+        repo_dir = cfg.repo or quick_repository(Path(tmp))
+        repo = ModelRepository(repo_dir)
+        w = Workload.scenes()
+        runner = RawRunner(repo, cfg.threads)
+        model_max = int(runner.loaded.manifest.model_config["max_response_tokens"])
+        max_new = min(cfg.max_new_tokens or model_max, model_max)
+        cells: list[Cell] = []
+        for rpc in ("Generate", "Score"):
+            for c in cfg.concurrency:
+                cells.append(run_raw(runner, w, rpc, c, cfg, max_new))
+        for contender, max_batch in (("service", cfg.max_batch), ("unbatched", 1)):
+            with ServerProcess(repo_dir, max_batch, cfg.threads) as address:
+                for rpc in ("Generate", "Score"):
+                    for c in cfg.concurrency:
+                        cells.append(run_service(address, contender, w, rpc, c, cfg, max_new))
+    return {"config": {**asdict(cfg), "repo": str(cfg.repo) if cfg.repo else None, "max_new_tokens": max_new},
+            "cells": [asdict(c) for c in cells], "goals": goals(cells)}
+
+
+def goals(cells: list[Cell]) -> dict:
+    def get(contender: str, rpc: str, c: int) -> Cell | None:
+        return next((x for x in cells if (x.contender, x.rpc, x.concurrency) == (contender, rpc, c)), None)
+
+    out = {}
+    top = max(x.concurrency for x in cells)
+    svc, raw, unb = get("service", "Generate", top), get("raw", "Generate", top), get("unbatched", "Generate", top)
+    if svc and raw and unb:
+        out[f"generate_c{top}_service_over_raw"] = round(svc.throughput / raw.throughput, 3)
+        out[f"generate_c{top}_service_over_unbatched"] = round(svc.throughput / unb.throughput, 3)
+    s1, r1 = get("service", "Generate", 1), get("raw", "Generate", 1)
+    if s1 and r1:
+        out["generate_c1_p50_ms_over_raw"] = round(s1.p50_ms - r1.p50_ms, 3)
+    return out
+
+
+def table(result: dict) -> str:
+    cells = [Cell(**c) for c in result["cells"]]
+    lines = []
+    for rpc in ("Generate", "Score"):
+        lines.append(f"\n{rpc} (requests/s | p50 ms | p99 ms{' | tokens/s' if rpc == 'Generate' else ''})")
+        lines.append(f"{'concurrency':>12} " + " ".join(f"{name:>34}" for name in ("service", "raw", "unbatched")))
+        for c in sorted({x.concurrency for x in cells}):
+            row = []
+            for name in ("service", "raw", "unbatched"):
+                x = next((x for x in cells if (x.contender, x.rpc, x.concurrency) == (name, rpc, c)), None)
+                text = "" if x is None else f"{x.throughput:8.1f} |{x.p50_ms:7.2f} |{x.p99_ms:7.2f}"
+                if x is not None and rpc == "Generate":
+                    text += f" |{x.tokens_per_s:7.0f}"
+                if x is not None and x.failures:
+                    text += f" ({x.failures} failed)"
+                row.append(f"{text:>34}")
+            lines.append(f"{c:>12} " + " ".join(row))
+    lines.append("\ngoals: " + json.dumps(result["goals"]))
+    return "\n".join(lines)
+
+
+def run_bench(cfg: BenchConfig, as_json: bool = False) -> int:
+    result = bench(cfg)
+    print(json.dumps(result) if as_json else table(result))
+    return 0

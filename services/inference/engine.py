@@ -1,0 +1,316 @@
+"""Continuous-batching generation on a dedicated thread.
+
+Between two decode steps, new requests join (encoded together first) and finished, expired or
+cancelled ones leave. Sequences are grouped by the model version their request started on, so a
+hot swap never moves a sequence to another model: during a swap two groups step side by side.
+
+Within a group, every sequence keeps its own KV cache as one row of a batched, left-padded cache:
+all rows grow by one token per step, so the previous step's `present` is the next step's `past`
+and nothing is copied unless the group's membership changes. A row's real cache is its rightmost
+`position` entries; the attention mask hides the padding on its left. Fused memories of different
+lengths are right-padded and masked the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fuseloop.preprocessing import pad_right
+from fuseloop.sampling import sample_next
+from services.inference.metrics import InferenceMetrics
+from services.inference.queueing import Cancelled, DeadlineExceeded, ModelFailure, QueueClosed, RequestQueue
+from services.inference.runtime.base import LoadedVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SequenceSpec:
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    rng: np.random.Generator | None  # None for greedy decoding
+
+
+@dataclass
+class GeneratedSequence:
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+TokenCallback = Callable[["GenerationJob", list[tuple[int, int]]], None]  # (candidate index, token id) per step
+
+
+class GenerationJob:
+    """One request: its inputs (already preprocessed), one spec per candidate, and where results go.
+
+    `on_done(job, error)` and `on_tokens` are called on the engine thread; they must be quick.
+    """
+
+    def __init__(self, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int], specs: list[SequenceSpec],
+                 on_done: Callable[["GenerationJob", BaseException | None], None],
+                 deadline: float | None = None, on_tokens: TokenCallback | None = None) -> None:
+        self.loaded = loaded
+        self.pixels = pixels  # (3, H, W) float32
+        self.prompt_ids = prompt_ids
+        self.specs = specs
+        self.on_done = on_done
+        self.on_tokens = on_tokens
+        self.deadline = deadline
+        self.size = len(specs)
+        self.enqueued_at = 0.0
+        self.started_at: float | None = None
+        self.sequences = [GeneratedSequence() for _ in specs]
+        self._remaining = len(specs)
+        self._cancelled = False
+        self._finished = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """The caller gave up (client cancelled): the engine drops it before the next step."""
+        self._cancelled = True
+
+    def _finish(self, error: BaseException | None) -> None:
+        if not self._finished:
+            self._finished = True
+            try:
+                self.on_done(self, error)
+            except Exception:
+                log.exception("a generation callback failed")
+
+
+class DecodeGroup:
+    """The sequences of one model version, decoded together (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedVersion) -> None:
+        self.loaded = loaded
+        c = loaded.manifest.model_config
+        self.eos_id = int(c["eos_id"])
+        self.bos_id = int(c["bos_id"])
+        self.jobs: list[GenerationJob] = []  # per row
+        self.index: list[int] = []  # candidate index per row
+        self.past = loaded.empty_past(0)
+        self.attention = np.zeros((0, 0), dtype=np.int64)
+        self.memory = np.zeros((0, 0, int(c["d_model"])), dtype=np.float32)
+        self.memory_mask = np.zeros((0, 0), dtype=np.int64)
+        self.tokens = np.zeros(0, dtype=np.int64)  # the token each row feeds next
+        self.positions = np.zeros(0, dtype=np.int64)  # = the row's real cache length
+        self.temperature = np.zeros(0)
+        self.top_p = np.zeros(0)
+        self.max_new = np.zeros(0, dtype=np.int64)
+        self.rngs: list[np.random.Generator | None] = []
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def add(self, jobs: list[GenerationJob], memory: np.ndarray, memory_mask: np.ndarray) -> None:
+        """Joins jobs' candidates with empty caches (all padding) and each job's memory row
+        (memory (J, M, d), one row per job) repeated per candidate."""
+        sizes = [j.size for j in jobs]
+        n = sum(sizes)
+        P = self.past.shape[3]
+        self.past = np.concatenate([self.past, np.zeros((n, *self.past.shape[1:]), dtype=self.past.dtype)])
+        self.attention = np.concatenate([self.attention, np.zeros((n, P), dtype=np.int64)])
+        M = max(self.memory.shape[1], memory.shape[1])
+        self.memory = np.concatenate([_pad_axis(self.memory, 1, M), np.repeat(_pad_axis(memory, 1, M), sizes, axis=0)])
+        self.memory_mask = np.concatenate([_pad_axis(self.memory_mask, 1, M),
+                                           np.repeat(_pad_axis(memory_mask, 1, M), sizes, axis=0)])
+        self.tokens = np.concatenate([self.tokens, np.full(n, self.bos_id, dtype=np.int64)])
+        self.positions = np.concatenate([self.positions, np.zeros(n, dtype=np.int64)])
+        specs = [s for j in jobs for s in j.specs]
+        self.temperature = np.concatenate([self.temperature, [s.temperature for s in specs]])
+        self.top_p = np.concatenate([self.top_p, [s.top_p for s in specs]])
+        self.max_new = np.concatenate([self.max_new, np.array([s.max_new_tokens for s in specs], dtype=np.int64)])
+        self.rngs += [s.rng for s in specs]
+        for j in jobs:
+            self.jobs += [j] * j.size
+            self.index += list(range(j.size))
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Keeps the rows where `rows` is True; trims padding no remaining row needs."""
+        idx = np.flatnonzero(rows)
+        self.jobs = [self.jobs[i] for i in idx]
+        self.index = [self.index[i] for i in idx]
+        self.rngs = [self.rngs[i] for i in idx]
+        for name in ("tokens", "positions", "temperature", "top_p", "max_new", "past", "attention", "memory", "memory_mask"):
+            setattr(self, name, getattr(self, name)[idx])
+        P = self.past.shape[3]
+        need = int(self.positions.max()) if len(idx) else 0
+        if need < P:
+            self.past = self.past[:, :, :, P - need:]
+            self.attention = self.attention[:, P - need:]
+        M = int(self.memory_mask.sum(axis=1).max()) if len(idx) else 0
+        if M < self.memory.shape[1]:
+            self.memory = self.memory[:, :M]
+            self.memory_mask = self.memory_mask[:, :M]
+
+    def step(self) -> np.ndarray:
+        """Feeds each row's next token; returns the logits (B, V) for the token after it."""
+        B = len(self.jobs)
+        attention = np.concatenate([self.attention, np.ones((B, 1), dtype=np.int64)], axis=1)
+        logits, present = self.loaded.decode_step(self.tokens[:, None], self.positions[:, None], attention,
+                                                  self.memory, self.memory_mask, self.past)
+        self.past, self.attention = present, attention
+        self.positions = self.positions + 1
+        return logits[:, -1]
+
+
+def _pad_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """Zero-pads `axis` on the right up to `size` (np.pad is slow for this hot path)."""
+    if x.shape[axis] >= size:
+        return x
+    shape = list(x.shape)
+    shape[axis] = size
+    out = np.zeros(shape, dtype=x.dtype)
+    out[tuple(slice(0, n) for n in x.shape)] = x
+    return out
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 32  # sequences decoded together, across versions
+    max_queue_delay_s: float = 0.002
+    max_queue: int = 256
+
+
+class GenerationEngine:
+    def __init__(self, config: EngineConfig, metrics: InferenceMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.queue: RequestQueue[GenerationJob] = RequestQueue(config.max_queue, config.max_queue_delay_s, clock)
+        self.groups: dict[LoadedVersion, DecodeGroup] = {}
+        self._thread: threading.Thread | None = None
+
+    # -- the event loop's side ------------------------------------------------------------------
+    def start(self) -> "GenerationEngine":
+        self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        for job in self.queue.close():
+            job._finish(QueueClosed("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, job: GenerationJob) -> None:
+        """Raises QueueFull or QueueClosed."""
+        self.queue.put(job)
+
+    @property
+    def active_sequences(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            active = self.active_sequences
+            arrivals, dropped = self.queue.take(self.config.max_batch - active, block=active == 0, admit_oversized=active == 0)
+            for job in dropped:
+                job._finish(self._why_dropped(job))
+            if self.queue.closed and not arrivals and not self.groups:
+                break
+            if arrivals:
+                self._admit(arrivals)
+            for loaded in list(self.groups):
+                self._step(self.groups[loaded])
+                if not self.groups[loaded]:
+                    del self.groups[loaded]
+            if self.metrics:
+                self.metrics.active_sequences.set(self.active_sequences)
+                self.metrics.queue_depth.labels("generate").set(len(self.queue))
+        for group in self.groups.values():
+            for job in set(group.jobs):
+                job._finish(QueueClosed("the server is shutting down"))
+
+    def _why_dropped(self, job: GenerationJob) -> BaseException:
+        if job.cancelled:
+            return Cancelled("cancelled by the client")
+        return DeadlineExceeded("the deadline passed before generation finished")
+
+    def _admit(self, jobs: list[GenerationJob]) -> None:
+        """Encodes arrivals, one batched call per version, and adds them to their version's group."""
+        by_version: dict[LoadedVersion, list[GenerationJob]] = {}
+        for job in jobs:
+            by_version.setdefault(job.loaded, []).append(job)
+        now = self.clock()
+        for loaded, group_jobs in by_version.items():
+            prompt_ids, prompt_mask = pad_right([j.prompt_ids for j in group_jobs], loaded.preprocessor.pad_id)
+            pixels = np.stack([j.pixels for j in group_jobs])
+            try:
+                memory, memory_mask = loaded.encode(pixels, prompt_ids, prompt_mask)
+            except Exception as e:
+                log.exception("encode failed for version %s", loaded.version)
+                for job in group_jobs:
+                    job._finish(ModelFailure(f"the model failed to encode the request: {e}"))
+                continue
+            group = self.groups.get(loaded)
+            if group is None:
+                group = self.groups[loaded] = DecodeGroup(loaded)
+            for job in group_jobs:
+                job.started_at = now
+            group.add(group_jobs, memory, memory_mask)
+            if self.metrics:
+                self.metrics.batch_size.labels("encode").observe(len(group_jobs))
+                for job in group_jobs:
+                    self.metrics.queue_time.labels("generate").observe(now - job.enqueued_at)
+
+    def _step(self, group: DecodeGroup) -> None:
+        now = self.clock()
+        live = np.array([not (j.cancelled or (j.deadline is not None and now > j.deadline)) for j in group.jobs], dtype=bool)
+        if not live.all():
+            for job in {j for j, ok in zip(group.jobs, live) if not ok}:
+                job._finish(self._why_dropped(job))
+            group.keep(live)
+            if not len(group):
+                return
+        try:
+            logits = group.step()
+        except Exception as e:
+            log.exception("decode step failed for version %s", group.loaded.version)
+            for job in set(group.jobs):
+                job._finish(ModelFailure(f"the model failed during decoding: {e}"))
+            group.keep(np.zeros(len(group), dtype=bool))
+            return
+        B = len(group)
+        uniforms = np.array([rng.random() if rng is not None else 0.0 for rng in group.rngs])
+        tokens, logprobs = sample_next(logits, group.temperature, group.top_p, uniforms)
+        group.tokens = tokens
+        finished = (tokens == group.eos_id) | (group.positions >= group.max_new)
+        streamed: dict[GenerationJob, list[tuple[int, int]]] = {}
+        tok_list, lp_list, fin_list = tokens.tolist(), logprobs.tolist(), finished.tolist()
+        for r in range(B):
+            job, i = group.jobs[r], group.index[r]
+            seq = job.sequences[i]
+            seq.token_ids.append(tok_list[r])
+            seq.logprobs.append(lp_list[r])
+            if job.on_tokens is not None:
+                streamed.setdefault(job, []).append((i, tok_list[r]))
+            if fin_list[r]:
+                job._remaining -= 1
+        for job, items in streamed.items():
+            try:
+                job.on_tokens(job, items)
+            except Exception:
+                log.exception("a token callback failed")
+        if finished.any():
+            for r in np.flatnonzero(finished):
+                job = group.jobs[r]
+                if job._remaining == 0:
+                    job._finish(None)
+            group.keep(~finished)
+        if self.metrics:
+            self.metrics.batch_size.labels("decode").observe(B)
+            self.metrics.count_tokens(B)

@@ -1,0 +1,330 @@
+"""KServe v2 / Triton gRPC (`inference.GRPCInferenceService`) for the exported ONNX graphs, on the
+same server: tritonclient.grpc works against it unchanged.
+
+The three models of a fused version (fuseloop_encoder, fuseloop_decoder, fuseloop_reward) run
+through the runtime's loaded version (for ONNX Runtime: that model's session), so this module stays
+runtime-agnostic. Available versions: the serving one, plus those RepositoryModelLoad loaded by
+the model's config.pbtxt version policy. Load and unload change what KServe clients see, never what
+InferenceService serves; like the AdminService, they need the admin token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+from importlib.metadata import PackageNotFoundError, version as package_version
+
+import grpc
+import numpy as np
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
+
+from fuseloop.repository import DECODER, ENCODER, MODELS, REWARD, RepositoryError
+from services.inference.admin import AdminAuth
+from services.inference.deployment import Deployment, Lease, ServedVersion
+from services.inference.runtime.base import LoadedVersion
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "onnxruntime_onnx"
+# The LoadedVersion call behind each model; its parameters are named like the graph's inputs.
+CALLS = {ENCODER: "encode", DECODER: "decode_step", REWARD: "score"}
+TYPED_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+                  "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                  "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+                  "FP64": "fp64_contents"}
+
+
+class KServeError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def run_model(loaded: LoadedVersion, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One graph of a loaded version, by tensor names (the manifest's signature)."""
+    result = getattr(loaded, CALLS[model])(**inputs)
+    outputs = result if isinstance(result, tuple) else (result,)
+    names = [t.name for t in loaded.manifest.io(model, "outputs")]
+    return dict(zip(names, outputs))
+
+
+def read_model_config(path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def decode_input(tensor, raw: bytes | None) -> np.ndarray:
+    """A request tensor (raw bytes or typed contents) -> numpy, checked against its declared shape."""
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"input {tensor.name}: negative dimension in shape {list(shape)}")
+    if tensor.datatype not in TYPED_CONTENTS:
+        raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"input {tensor.name}: datatype {tensor.datatype} is not supported")
+    dtype = np.dtype(triton_to_np_dtype(tensor.datatype))
+    count = int(np.prod(shape, dtype=np.int64))
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"input {tensor.name}: {len(raw)} bytes of raw contents for shape {list(shape)} "
+                              f"{tensor.datatype} (expected {count * dtype.itemsize})")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    values = getattr(tensor.contents, TYPED_CONTENTS[tensor.datatype])
+    if len(values) != count:
+        raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"input {tensor.name}: {len(values)} values for shape {list(shape)} (expected {count})")
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+class KServeModels:
+    """Which versions KServe clients can use, and leases on them."""
+
+    def __init__(self, deployment: Deployment, executor: Executor) -> None:
+        self.deployment = deployment
+        self.executor = executor
+        self._extra: dict[int, ServedVersion] = {}
+        self._unloaded: set[str] = set()
+        self._lock = asyncio.Lock()
+        self._configs: dict[str, tuple[float, model_config_pb2.ModelConfig]] = {}
+
+    def is_unloaded(self, name: str) -> bool:
+        return name in self._unloaded
+
+    def config(self, name: str) -> model_config_pb2.ModelConfig:
+        """The model's parsed config.pbtxt, re-read when the file changes (a publish rewrites it)."""
+        self.check_model(name)
+        path = self.deployment.repo.root / name / "config.pbtxt"
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            raise KServeError(grpc.StatusCode.NOT_FOUND, f"{name} has no config.pbtxt") from None
+        cached = self._configs.get(name)
+        if cached is None or cached[0] != mtime:
+            try:
+                cached = self._configs[name] = (mtime, read_model_config(path))
+            except text_format.ParseError as e:
+                raise KServeError(grpc.StatusCode.INTERNAL, f"{path} does not parse: {e}") from None
+        return cached[1]
+
+    def check_model(self, name: str) -> None:
+        if name not in MODELS:
+            raise KServeError(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; models: {', '.join(MODELS)}")
+
+    def versions(self, name: str) -> list[int]:
+        if name in self._unloaded:
+            return []
+        serving = self.deployment.serving
+        return sorted(set(self._extra) | ({serving.version} if serving else set()))
+
+    def lease(self, name: str, version: str) -> Lease:
+        self.check_model(name)
+        if name in self._unloaded:
+            raise KServeError(grpc.StatusCode.UNAVAILABLE, f"model {name} is unloaded; RepositoryModelLoad it first")
+        serving = self.deployment.serving
+        if not version:
+            if serving is None:
+                raise KServeError(grpc.StatusCode.UNAVAILABLE, f"no version of {name} is loaded yet")
+            return serving.lease()
+        if not version.isdigit():
+            raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"model_version must be a number, got {version!r}")
+        v = int(version)
+        if serving is not None and serving.version == v:
+            return serving.lease()
+        if v in self._extra:
+            return self._extra[v].lease()
+        raise KServeError(grpc.StatusCode.UNAVAILABLE,
+                          f"version {v} of {name} is not loaded (loaded: {', '.join(map(str, self.versions(name))) or 'none'})")
+
+    def policy_versions(self, name: str) -> list[int]:
+        """The versions config.pbtxt's version_policy selects, as Triton would load them."""
+        available = self.deployment.repo.versions()
+        policy = self.config(name).version_policy
+        kind = policy.WhichOneof("policy_choice")
+        if kind == "all":
+            return available
+        if kind == "specific":
+            return [v for v in policy.specific.versions if v in available]
+        n = policy.latest.num_versions if kind == "latest" else 1
+        return available[-max(1, n):]
+
+    async def load(self, name: str) -> None:
+        self.check_model(name)
+        async with self._lock:
+            serving = self.deployment.serving
+            loop = asyncio.get_running_loop()
+            for v in self.policy_versions(name):
+                if v in self._extra or (serving is not None and serving.version == v):
+                    continue
+                try:
+                    loaded = await loop.run_in_executor(self.executor, self.deployment.runtime.load, self.deployment.repo, v)
+                except RepositoryError as e:
+                    raise KServeError(grpc.StatusCode.FAILED_PRECONDITION, f"failed to load {name} version {v}: {e}") from None
+                self._extra[v] = ServedVersion(loaded)
+            self._unloaded.discard(name)
+
+    async def unload(self, name: str) -> None:
+        self.check_model(name)
+        async with self._lock:
+            self._unloaded.add(name)
+            if self._unloaded >= set(MODELS):
+                for served in self._extra.values():
+                    served.retire()
+                self._extra.clear()
+
+    def close(self) -> None:
+        for served in self._extra.values():
+            served.retire()
+        self._extra.clear()
+
+
+class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, models: KServeModels, auth: AdminAuth, executor: Executor, server_name: str = "fuseloop") -> None:
+        self.models = models
+        self.auth = auth
+        self.executor = executor
+        self.server_name = server_name
+
+    async def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return service_pb2.ServerReadyResponse(ready=self.models.deployment.serving is not None)
+
+    async def ServerMetadata(self, request, context):
+        try:
+            ver = package_version("fuseloop")
+        except PackageNotFoundError:
+            ver = "0"
+        return service_pb2.ServerMetadataResponse(name=self.server_name, version=ver,
+                                                  extensions=["model_repository", "model_configuration"])
+
+    async def ModelReady(self, request, context):
+        if request.name not in MODELS:
+            return service_pb2.ModelReadyResponse(ready=False)
+        versions = self.models.versions(request.name)
+        if request.version:
+            ready = request.version.isdigit() and int(request.version) in versions
+        else:
+            ready = self.models.deployment.serving is not None and not self.models.is_unloaded(request.name)
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    async def ModelMetadata(self, request, context):
+        return await self._guard(context, self._metadata, request)
+
+    def _metadata(self, request) -> service_pb2.ModelMetadataResponse:
+        with self.models.lease(request.name, request.version) as lease:
+            manifest = lease.loaded.manifest
+        out = service_pb2.ModelMetadataResponse(name=request.name, platform=PLATFORM,
+                                                versions=[str(v) for v in self.models.versions(request.name)])
+        for t in manifest.io(request.name, "inputs"):
+            out.inputs.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+        for t in manifest.io(request.name, "outputs"):
+            out.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+        return out
+
+    async def ModelConfig(self, request, context):
+        return await self._guard(context, self._config, request)
+
+    def _config(self, request) -> service_pb2.ModelConfigResponse:
+        return service_pb2.ModelConfigResponse(config=self.models.config(request.name))
+
+    async def RepositoryIndex(self, request, context):
+        out = service_pb2.RepositoryIndexResponse()
+        for name in MODELS:
+            loaded = set(self.models.versions(name))
+            for v in self.models.deployment.repo.versions():
+                ready = v in loaded
+                if request.ready and not ready:
+                    continue
+                out.models.add(name=name, version=str(v), state="READY" if ready else "UNAVAILABLE",
+                               reason="" if ready else "unloaded")
+        return out
+
+    async def RepositoryModelLoad(self, request, context):
+        await self.auth.check(context)
+        if request.parameters:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "config and file overrides are not supported; publish a version instead")
+        return await self._guard_async(context, self.models.load(request.model_name),
+                                       service_pb2.RepositoryModelLoadResponse())
+
+    async def RepositoryModelUnload(self, request, context):
+        await self.auth.check(context)
+        return await self._guard_async(context, self.models.unload(request.model_name),
+                                       service_pb2.RepositoryModelUnloadResponse())
+
+    async def ModelInfer(self, request: service_pb2.ModelInferRequest, context):
+        try:
+            with self.models.lease(request.model_name, request.model_version) as lease:
+                inputs = self._inputs(lease.loaded, request)
+                wanted = [o.name for o in request.outputs]
+                known = [t.name for t in lease.loaded.manifest.io(request.model_name, "outputs")]
+                unknown = sorted(set(wanted) - set(known))
+                if unknown:
+                    raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
+                                      f"unknown output(s) {', '.join(unknown)} of {request.model_name}; outputs: {', '.join(known)}")
+                try:
+                    outputs = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, run_model, lease.loaded, request.model_name, inputs)
+                except Exception as e:
+                    log.warning("%s inference failed: %s", request.model_name, e)
+                    raise KServeError(grpc.StatusCode.INTERNAL, f"{request.model_name} inference failed: {e}") from None
+                version = lease.loaded.version
+        except KServeError as e:
+            await context.abort(e.code, str(e))
+        response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=str(version), id=request.id)
+        for name in wanted or known:
+            arr = np.ascontiguousarray(outputs[name])
+            response.outputs.add(name=name, datatype=_kserve_type(arr.dtype), shape=list(arr.shape))
+            response.raw_output_contents.append(arr.tobytes())
+        return response
+
+    def _inputs(self, loaded: LoadedVersion, request: service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
+        specs = {t.name: t for t in loaded.manifest.io(request.model_name, "inputs")}
+        raw = list(request.raw_input_contents)
+        if raw and len(raw) != len(request.inputs):
+            raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+        inputs = {}
+        for k, tensor in enumerate(request.inputs):
+            spec = specs.get(tensor.name)
+            if spec is None:
+                raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"unknown input {tensor.name!r} of {request.model_name}; inputs: {', '.join(specs)}")
+            if tensor.datatype != spec.datatype:
+                raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"input {tensor.name} is {spec.datatype}, not {tensor.datatype}")
+            arr = decode_input(tensor, raw[k] if raw else None)
+            if arr.ndim != len(spec.shape) or any(s >= 0 and s != d for s, d in zip(spec.shape, arr.shape)):
+                raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"input {tensor.name} has shape {list(arr.shape)}; the model takes {list(spec.shape)}")
+            inputs[tensor.name] = arr
+        missing = sorted(set(specs) - set(inputs))
+        if missing:
+            raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"missing input(s) {', '.join(missing)} of {request.model_name}")
+        batches = {a.shape[0] for a in inputs.values()}
+        if len(batches) > 1:
+            raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"inputs disagree on the batch size: {sorted(batches)}")
+        max_batch = self.models.config(request.model_name).max_batch_size
+        if max_batch > 0 and batches and max(batches) > max_batch:
+            raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"batch size {max(batches)} exceeds {request.model_name}'s max_batch_size {max_batch}")
+        return inputs
+
+    async def _guard(self, context, fn, request):
+        try:
+            return fn(request)
+        except KServeError as e:
+            await context.abort(e.code, str(e))
+
+    async def _guard_async(self, context, coro, response):
+        try:
+            await coro
+        except KServeError as e:
+            await context.abort(e.code, str(e))
+        return response
+
+
+def _kserve_type(dtype: np.dtype) -> str:
+    return np_to_triton_dtype(dtype)

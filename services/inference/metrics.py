@@ -1,0 +1,65 @@
+"""Prometheus metrics of one server instance, in its own registry (no process-global state), so
+several servers (tests, benchmarks) can live in one process."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class InferenceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("fuseloop_inference_requests", "RPCs answered, by method and status code",
+                                ["method", "code"], registry=r)
+        self.latency = Histogram("fuseloop_inference_latency_seconds", "RPC latency, by method", ["method"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("fuseloop_inference_queue_seconds", "Time from submission to the first model call",
+                                    ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("fuseloop_inference_batch_size", "Rows per model call, by kind (encode, decode, score)",
+                                    ["kind"], buckets=BATCH_BUCKETS, registry=r)
+        self.tokens = Counter("fuseloop_inference_generated_tokens", "Tokens generated", registry=r)
+        self.tokens_per_second = Gauge("fuseloop_inference_tokens_per_second", "Generated tokens/s over the last second",
+                                       registry=r)
+        self.serving_version = Gauge("fuseloop_inference_serving_version", "The model version serving new requests",
+                                     registry=r)
+        self.queue_depth = Gauge("fuseloop_inference_queue_depth", "Requests waiting for the engine, by kind", ["kind"],
+                                 registry=r)
+        self.active_sequences = Gauge("fuseloop_inference_active_sequences", "Sequences being decoded", registry=r)
+        self.events_published = Counter("fuseloop_inference_events_published", "Inference events on the bus", registry=r)
+        self.event_failures = Counter("fuseloop_inference_event_failures",
+                                      "Inference events lost (bus error or publish backlog full)", ["reason"], registry=r)
+        self.deploys = Counter("fuseloop_inference_deploys", "Version swaps", registry=r)
+        self._window_start = time.monotonic()
+        self._window_tokens = 0
+        self._lock = threading.Lock()
+        self._http = None
+
+    def count_tokens(self, n: int) -> None:
+        self.tokens.inc(n)
+        with self._lock:
+            self._window_tokens += n
+            now = time.monotonic()
+            if now - self._window_start >= 1.0:
+                self.tokens_per_second.set(self._window_tokens / (now - self._window_start))
+                self._window_start, self._window_tokens = now, 0
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Starts /metrics on its own thread; returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,84 @@
+"""The runtime contract: load a version, run a batch, report metadata.
+
+Batching, deadlines, health, metrics and protocols are the service's job, written once above
+this interface; ONNX Runtime (in process) and Triton (over gRPC) sit behind it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from fuseloop.preprocessing import Preprocessor
+from fuseloop.repository import Manifest, ModelRepository, RepositoryError, TensorSpec
+from fuseloop.tokenizer import load_tokenizer
+
+
+class RuntimeError_(Exception):
+    """A runtime could not load or run a model version (distinct from bad client input)."""
+
+
+class LoadedVersion(ABC):
+    """One fused model version, loaded and ready: three batched calls."""
+
+    def __init__(self, version: int, manifest: Manifest, preprocessor: Preprocessor) -> None:
+        self.version = version
+        self.manifest = manifest
+        self.preprocessor = preprocessor
+
+    @abstractmethod
+    def encode(self, pixel_values: np.ndarray, prompt_ids: np.ndarray, prompt_mask: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """-> memory (B, M, d) float32, memory_mask (B, M) int64."""
+
+    @abstractmethod
+    def decode_step(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                    memory: np.ndarray, memory_mask: np.ndarray, past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> logits (B, T, V) float32, present (B, 2L, H, P+T, hd) float32."""
+
+    @abstractmethod
+    def score(self, pixel_values: np.ndarray, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
+              response_ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
+        """-> rewards (B,) float32."""
+
+    def empty_past(self, batch: int) -> np.ndarray:
+        c = self.manifest.model_config
+        return np.zeros((batch, 2 * c["n_decoder_layers"], c["n_heads"], 0, c["d_model"] // c["n_heads"]),
+                        dtype=np.float32)
+
+    def metadata(self) -> dict:
+        return {"version": self.version, "parent_version": self.manifest.parent_version,
+                "signatures": self.manifest.signatures, "metrics": self.manifest.metrics}
+
+    def close(self) -> None:
+        """Releases the version's resources."""
+
+
+class ModelRuntime(ABC):
+    name: str = "runtime"
+
+    @abstractmethod
+    def load(self, repo: ModelRepository, version: int) -> LoadedVersion:
+        """Verifies the version against its manifest, loads and warms it. Raises RepositoryError
+        when the artifact doesn't match its manifest."""
+
+    def close(self) -> None:
+        """Releases everything."""
+
+
+def check_signature(version: int, model: str, expected: list[TensorSpec], actual: list[TensorSpec]) -> None:
+    """Names, datatypes and ranks must match what the manifest promises."""
+    exp = {t.name: t for t in expected}
+    act = {t.name: t for t in actual}
+    if set(exp) != set(act):
+        raise RepositoryError(f"version {version}: {model} tensors {sorted(act)} differ from the manifest's {sorted(exp)}")
+    for name, t in exp.items():
+        a = act[name]
+        if a.datatype != t.datatype or len(a.shape) != len(t.shape):
+            raise RepositoryError(f"version {version}: {model}.{name} is {a.datatype}{list(a.shape)}, "
+                                  f"the manifest says {t.datatype}{list(t.shape)}")
+
+
+def load_preprocessor(repo: ModelRepository, version: int, manifest: Manifest) -> Preprocessor:
+    return Preprocessor(load_tokenizer(repo.tokenizer_dir(version)), manifest.preprocess_config())

@@ -1,0 +1,107 @@
+"""ONNX Runtime in process: the embedded default. Uses the CUDA EP when a GPU is really there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from fuseloop.repository import DECODER, ENCODER, MODELS, REWARD, ModelRepository, TensorSpec
+from services.inference.runtime.base import LoadedVersion, ModelRuntime, check_signature, load_preprocessor
+
+ORT_TO_KSERVE = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(int32)": "INT32",
+                 "tensor(bool)": "BOOL", "tensor(float16)": "FP16"}
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    intra_op_threads: int = 0  # 0: ORT decides
+    inter_op_threads: int = 1
+
+
+def session_providers(device: str) -> list[str]:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise RuntimeError("device=cuda asked for, but this onnxruntime build has no CUDA provider "
+                           "(install the .[gpu] extra)")
+    return ["CPUExecutionProvider"]
+
+
+def _specs(args) -> list[TensorSpec]:
+    return [TensorSpec(a.name, ORT_TO_KSERVE.get(a.type, a.type),
+                       tuple(d if isinstance(d, int) else -1 for d in a.shape)) for a in args]
+
+
+class OnnxVersion(LoadedVersion):
+    def __init__(self, version, manifest, preprocessor, sessions: dict[str, ort.InferenceSession]) -> None:
+        super().__init__(version, manifest, preprocessor)
+        self.sessions = sessions
+
+    @property
+    def providers(self) -> list[str]:
+        # get_available_providers() lists CUDA even without a GPU; what a session got is the truth.
+        return self.sessions[ENCODER].get_providers()
+
+    def encode(self, pixel_values, prompt_ids, prompt_mask):
+        memory, memory_mask = self.sessions[ENCODER].run(
+            None, {"pixel_values": pixel_values, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask})
+        return memory, memory_mask
+
+    def decode_step(self, input_ids, position_ids, attention_mask, memory, memory_mask, past):
+        logits, present = self.sessions[DECODER].run(None, {
+            "input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
+            "memory": memory, "memory_mask": memory_mask, "past": past})
+        return logits, present
+
+    def score(self, pixel_values, prompt_ids, prompt_mask, response_ids, response_mask):
+        (reward,) = self.sessions[REWARD].run(None, {
+            "pixel_values": pixel_values, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+            "response_ids": response_ids, "response_mask": response_mask})
+        return reward
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "providers": self.providers}
+
+
+class OnnxRuntime(ModelRuntime):
+    name = "onnxruntime"
+
+    def __init__(self, config: OnnxRuntimeConfig = OnnxRuntimeConfig()) -> None:
+        self.config = config
+
+    def _options(self) -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.config.intra_op_threads
+        opts.inter_op_num_threads = self.config.inter_op_threads
+        opts.log_severity_level = 3
+        return opts
+
+    def load(self, repo: ModelRepository, version: int) -> OnnxVersion:
+        manifest = repo.verify(version)
+        providers = session_providers(self.config.device)
+        sessions = {}
+        for model in MODELS:
+            sess = ort.InferenceSession(str(repo.model_path(model, version)), self._options(), providers=providers)
+            check_signature(version, model, manifest.io(model, "inputs"), _specs(sess.get_inputs()))
+            check_signature(version, model, manifest.io(model, "outputs"), _specs(sess.get_outputs()))
+            sessions[model] = sess
+        loaded = OnnxVersion(version, manifest, load_preprocessor(repo, version, manifest), sessions)
+        warm_up(loaded)
+        return loaded
+
+
+def warm_up(loaded: LoadedVersion) -> None:
+    """One call through each graph, so the first real request doesn't pay for initialization."""
+    pre = loaded.preprocessor
+    size = pre.config.image_size
+    pixels = np.zeros((1, 3, size, size), dtype=np.float32)
+    ids = np.array([[pre.bos_id]], dtype=np.int64)
+    mask = np.ones((1, 1), dtype=np.int64)
+    memory, memory_mask = loaded.encode(pixels, ids, mask)
+    loaded.decode_step(ids, np.zeros((1, 1), dtype=np.int64), mask, memory, memory_mask, loaded.empty_past(1))
+    loaded.score(pixels, ids, mask, ids, mask)

@@ -1,0 +1,182 @@
+"""The inference gRPC server: InferenceService, AdminService, KServe v2, health and reflection on
+one grpc.aio server, plus Prometheus metrics over HTTP.
+
+`InferenceServer` is built from its parts (runtime, repository, bus, config, clock) and started
+with `await start()` in the caller's event loop; `ServerThread` runs one on a thread of its own
+(tests, benchmarks). Health is NOT_SERVING until a version is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from fuseloop.bus import EventBus
+from fuseloop.repository import ModelRepository
+from fuseloop.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from services.inference.admin import AdminAuth, AdminService
+from services.inference.config import InferenceServiceConfig
+from services.inference.deployment import Deployment
+from services.inference.engine import EngineConfig, GenerationEngine
+from services.inference.events import EventPublisher
+from services.inference.kserve import KServeModels, KServeService
+from services.inference.metrics import InferenceMetrics
+from services.inference.runtime.base import ModelRuntime
+from services.inference.scoring import ScoreBatcher
+from services.inference.service import InferenceService
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+KSERVE_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVING_NAMES = ("", INFERENCE_SERVICE, KSERVE_SERVICE)
+
+
+class InferenceServer:
+    def __init__(self, config: InferenceServiceConfig, runtime: ModelRuntime, repo: ModelRepository,
+                 bus: EventBus | None = None, clock: Callable[[], float] = time.monotonic,
+                 wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+                 state_path: Path | None = None, shuffle: random.Random | None = None) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.repo = repo
+        self.bus = bus
+        self.clock = clock
+        self.wall_ms = wall_ms
+        self.state_path = state_path
+        self.shuffle = shuffle
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.metrics = InferenceMetrics()
+        self._server: grpc.aio.Server | None = None
+        self._initial_load: asyncio.Task | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self, wait_ready: bool = True) -> "InferenceServer":
+        """Listens at once (NOT_SERVING), then loads the initial version; `wait_ready` waits for that."""
+        c = self.config
+        self.executor = ThreadPoolExecutor(c.worker_threads, thread_name_prefix="inference-worker")
+        self.deployment = Deployment(self.repo, self.runtime, self.executor, self.state_path)
+        self.engine = GenerationEngine(EngineConfig(c.max_batch, c.max_queue_delay_ms / 1000, c.max_queue),
+                                       self.metrics, self.clock).start()
+        self.scorer = ScoreBatcher(c.score_max_batch, c.score_max_queue_delay_ms / 1000, c.score_max_queue,
+                                   self.metrics, self.clock).start()
+        self.events = EventPublisher(self.bus, c.topics.inference, self.metrics, c.max_pending_events).start()
+        if self.bus is None:
+            log.warning("no event bus: inference events are not logged")
+        auth = AdminAuth(c.admin_token)
+        self.kserve_models = KServeModels(self.deployment, self.executor)
+
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", c.max_message_bytes),
+                                          ("grpc.max_send_message_length", c.max_message_bytes)])
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceService(c, self.deployment, self.engine, self.scorer, self.events, self.metrics, self.executor,
+                             self.clock, self.wall_ms, self.shuffle), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.deployment, auth, self.runtime.name), server)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeService(self.kserve_models, auth, self.executor), server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, ADMIN_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(f"{c.host}:{c.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {c.host}:{c.port}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.deployment.on_swap(self._swapped)
+        await server.start()
+        self._server = server
+        if c.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(c.host, c.metrics_port)
+        self._initial_load = asyncio.create_task(self.deployment.start())
+        if wait_ready:
+            await self._initial_load
+        return self
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stops taking requests, lets in-flight ones finish (up to the grace period), then releases."""
+        if self._server is None:
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._initial_load is not None and not self._initial_load.done():
+            self._initial_load.cancel()
+        await self._server.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
+        self._server = None
+        await asyncio.to_thread(self._release)
+
+    def _release(self) -> None:
+        self.engine.stop()
+        self.scorer.stop()
+        self.events.close()
+        self.kserve_models.close()
+        self.deployment.close()
+        self.metrics.stop_http()
+        self.executor.shutdown(wait=True)
+
+    async def _swapped(self, version: int) -> None:
+        self.metrics.serving_version.set(version)
+        self.metrics.deploys.inc()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_health(self, status) -> None:
+        for name in SERVING_NAMES:
+            await self.health.set(name, status)
+
+
+class ServerThread:
+    """An InferenceServer on its own thread and event loop, with blocking start()/stop()."""
+
+    def __init__(self, server: InferenceServer) -> None:
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="inference-server", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def start(self, wait_ready: bool = True) -> "ServerThread":
+        self._thread.start()
+        try:
+            self.call(self.server.start(wait_ready))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def call(self, coro, timeout: float | None = 120):
+        """Runs a coroutine on the server's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        if self._thread.is_alive():
+            try:
+                self.call(self.server.stop(grace_s))
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._thread.join()
+                self.loop.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,285 @@
+"""fuseloop.v1.InferenceService: Generate, GenerateStream and Score over the engine and the scorer.
+
+A request leases the serving version first and keeps it to the end (a hot swap never changes its
+model), checks and preprocesses its inputs with that version's preprocessor, then waits for the
+engine thread. Every failure becomes a gRPC status saying what was wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+
+import grpc
+import numpy as np
+
+from fuseloop.preprocessing import InvalidInput, decode_image, image_array
+from fuseloop.sampling import sequence_rng
+from fuseloop.v1 import inference_pb2, inference_pb2_grpc
+from services.inference.config import InferenceServiceConfig
+from services.inference.deployment import Deployment, NoServingVersion
+from services.inference.engine import GeneratedSequence, GenerationEngine, GenerationJob, SequenceSpec
+from services.inference.events import EventPublisher, ResponseRecord, build_event
+from services.inference.metrics import InferenceMetrics
+from services.inference.queueing import Cancelled, DeadlineExceeded, ModelFailure, QueueClosed, QueueFull
+from services.inference.runtime.base import LoadedVersion
+from services.inference.scoring import ScoreBatcher, ScoreJob
+from services.inference.validation import GenerateParams, check_text, generate_params
+
+log = logging.getLogger(__name__)
+
+STATUS_OF = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    NoServingVersion: grpc.StatusCode.UNAVAILABLE,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    QueueClosed: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    ModelFailure: grpc.StatusCode.INTERNAL,
+}
+KNOWN_ERRORS = tuple(STATUS_OF)
+
+
+class RpcObserver:
+    """Counts an RPC's outcome and latency; used as `async with observer.rpc("Generate") as call`."""
+
+    def __init__(self, metrics: InferenceMetrics) -> None:
+        self.metrics = metrics
+
+    def rpc(self, method: str) -> "_ObservedCall":
+        return _ObservedCall(self.metrics, method)
+
+
+class _ObservedCall:
+    def __init__(self, metrics: InferenceMetrics, method: str) -> None:
+        self.metrics, self.method = metrics, method
+        self.code = grpc.StatusCode.OK
+
+    async def __aenter__(self) -> "_ObservedCall":
+        self.t0 = time.perf_counter()
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        if exc_type is asyncio.CancelledError:
+            self.code = grpc.StatusCode.CANCELLED
+        elif exc is not None and self.code == grpc.StatusCode.OK:
+            self.code = grpc.StatusCode.INTERNAL
+        self.metrics.requests.labels(self.method, self.code.name).inc()
+        self.metrics.latency.labels(self.method).observe(time.perf_counter() - self.t0)
+
+
+async def abort_for(context: grpc.aio.ServicerContext, call: _ObservedCall, error: Exception) -> None:
+    code = next(c for t, c in STATUS_OF.items() if isinstance(error, t))
+    call.code = code
+    await context.abort(code, str(error))
+
+
+class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, config: InferenceServiceConfig, deployment: Deployment, engine: GenerationEngine,
+                 scorer: ScoreBatcher, events: EventPublisher, metrics: InferenceMetrics, executor: Executor,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+                 shuffle: random.Random | None = None) -> None:
+        self.config = config
+        self.deployment = deployment
+        self.engine = engine
+        self.scorer = scorer
+        self.events = events
+        self.metrics = metrics
+        self.executor = executor
+        self.clock = clock
+        self.wall_ms = wall_ms
+        self.shuffle = shuffle or random.Random()
+        self.observer = RpcObserver(metrics)
+
+    # -- RPCs -----------------------------------------------------------------------------------
+    async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> inference_pb2.GenerateResponse:
+        async with self.observer.rpc("Generate") as call:
+            try:
+                with self.engine.queue.arriving() as arrival, self.deployment.acquire() as lease:
+                    loaded = lease.loaded
+                    params = generate_params(request, self.config, self._max_tokens(loaded))
+                    pixels, prompt_ids = await self._inputs(loaded, request.image, request.prompt)
+                    sequences = await self._generate(arrival, loaded, pixels, prompt_ids, params, context)
+                    texts = [loaded.preprocessor.decode(s.token_ids) for s in sequences]
+                    rewards = None
+                    if params.rerank:
+                        rewards = await self._score(loaded, pixels, prompt_ids, texts, context)
+                        chosen = [int(i) for i in np.argsort(-rewards, kind="stable")[: params.num_candidates]]
+                    else:
+                        chosen = list(range(len(sequences)))
+            except KNOWN_ERRORS as e:
+                await abort_for(context, call, e)
+            shown = self._display_order(chosen)
+            request_id = uuid.uuid4().hex
+            records = [ResponseRecord(uuid.uuid4().hex, texts[i], s.token_ids, s.logprobs,
+                                      None if rewards is None else float(rewards[i]),
+                                      shown.index(i) if i in shown else -1)
+                       for i, s in enumerate(sequences)]
+            response = inference_pb2.GenerateResponse(request_id=request_id, model_version=str(loaded.version))
+            for i in shown:
+                r = records[i]
+                c = response.candidates.add(response_id=r.response_id, text=r.text, logprob=float(sum(r.logprobs)),
+                                            num_tokens=len(r.token_ids))
+                if r.reward is not None:
+                    c.reward = r.reward
+            self._log_event(request, request_id, loaded, records, params)
+            return response
+
+    async def GenerateStream(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        async with self.observer.rpc("GenerateStream") as call:
+            try:
+                with self.engine.queue.arriving() as arrival, self.deployment.acquire() as lease:
+                    loaded = lease.loaded
+                    params = generate_params(request, self.config, self._max_tokens(loaded))
+                    if params.rerank:
+                        raise InvalidInput("best_of reranks finished candidates, so it cannot stream; use Generate")
+                    pixels, prompt_ids = await self._inputs(loaded, request.image, request.prompt)
+                    request_id = uuid.uuid4().hex
+                    n = params.num_sequences
+                    shown = self._display_order(list(range(n)))
+                    position = {c: p for p, c in enumerate(shown)}
+                    response_ids = [uuid.uuid4().hex for _ in range(n)]
+                    tokens: list[list[int]] = [[] for _ in range(n)]
+                    texts = [""] * n
+                    pre = loaded.preprocessor
+                    async for items, job in self._stream(arrival, loaded, pixels, prompt_ids, params, context):
+                        for i, token in items:
+                            tokens[i].append(token)
+                            text = pre.decode(tokens[i])
+                            delta = text[len(texts[i]):] if text.startswith(texts[i]) else text
+                            texts[i] = text
+                            done = token == pre.eos_id or len(tokens[i]) >= params.max_new_tokens
+                            yield inference_pb2.GenerateChunk(
+                                candidate_index=position[i], response_id=response_ids[i], text_delta=delta, done=done,
+                                model_version=str(loaded.version), request_id=request_id)
+            except KNOWN_ERRORS as e:
+                await abort_for(context, call, e)
+            records = [ResponseRecord(response_ids[i], texts[i], s.token_ids, s.logprobs, None, position[i])
+                       for i, s in enumerate(job.sequences)]
+            self._log_event(request, request_id, loaded, records, params)
+
+    async def Score(self, request: inference_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+                    ) -> inference_pb2.ScoreResponse:
+        async with self.observer.rpc("Score") as call:
+            try:
+                with self.scorer.queue.arriving() as arrival, self.deployment.acquire() as lease:
+                    loaded = lease.loaded
+                    check_text("response", request.response, self.config.max_response_chars)
+                    pixels, prompt_ids = await self._inputs(loaded, request.image, request.prompt)
+                    rewards = await self._score(loaded, pixels, prompt_ids, [request.response], context, arrival)
+            except KNOWN_ERRORS as e:
+                await abort_for(context, call, e)
+            return inference_pb2.ScoreResponse(reward=float(rewards[0]), model_version=str(loaded.version))
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _max_tokens(self, loaded: LoadedVersion) -> int:
+        return int(loaded.manifest.model_config["max_response_tokens"])
+
+    async def _inputs(self, loaded: LoadedVersion, image: bytes, prompt: str) -> tuple[np.ndarray, list[int]]:
+        """Checked, preprocessed (pixels (3, H, W), prompt ids). Large images decode off the event loop."""
+        check_text("prompt", prompt, self.config.max_prompt_chars)
+        pre = loaded.preprocessor
+        prompt_ids = pre.prompt_ids(prompt)
+        # The service's limits may be tighter than the ones the version was trained with.
+        limits = dataclasses.replace(pre.config, max_image_bytes=min(pre.config.max_image_bytes, self.config.max_image_bytes),
+                                     max_image_pixels=min(pre.config.max_image_pixels, self.config.max_image_pixels))
+
+        def pixels() -> np.ndarray:
+            return image_array(decode_image(image, limits), pre.config)
+
+        if len(image) <= self.config.inline_image_bytes_in_small_path:
+            return pixels(), prompt_ids
+        return await asyncio.get_running_loop().run_in_executor(self.executor, pixels), prompt_ids
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else self.clock() + remaining
+
+    def _specs(self, params: GenerateParams) -> list[SequenceSpec]:
+        return [SequenceSpec(params.temperature, params.top_p, params.max_new_tokens,
+                             sequence_rng(params.seed, i) if params.temperature > 0 else None)
+                for i in range(params.num_sequences)]
+
+    async def _generate(self, arrival, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int],
+                        params: GenerateParams, context: grpc.aio.ServicerContext) -> list[GeneratedSequence]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        job = GenerationJob(loaded, pixels, prompt_ids, self._specs(params),
+                            on_done=lambda j, err: loop.call_soon_threadsafe(_settle, done, err),
+                            deadline=self._deadline(context))
+        arrival.put(job)
+        try:
+            await done
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        return job.sequences
+
+    async def _stream(self, arrival, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int],
+                      params: GenerateParams, context: grpc.aio.ServicerContext):
+        """Yields ([(candidate index, token id)], job) per decode step until the job is done."""
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+        job = GenerationJob(loaded, pixels, prompt_ids, self._specs(params),
+                            on_done=lambda j, err: loop.call_soon_threadsafe(steps.put_nowait, ("done", err)),
+                            on_tokens=lambda j, items: loop.call_soon_threadsafe(steps.put_nowait, ("tokens", items)),
+                            deadline=self._deadline(context))
+        arrival.put(job)
+        try:
+            while True:
+                kind, value = await steps.get()
+                if kind == "done":
+                    if value is not None:
+                        raise value
+                    return
+                yield value, job
+        finally:
+            job.cancel()  # no-op once finished; stops decoding if the client went away mid-stream
+
+    async def _score(self, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int], responses: list[str],
+                     context: grpc.aio.ServicerContext, arrival=None) -> np.ndarray:
+        pre = loaded.preprocessor
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        job = ScoreJob(loaded, pixels, prompt_ids, [[pre.bos_id] + pre.response_ids(r) for r in responses],
+                       on_done=lambda j, rewards, err: loop.call_soon_threadsafe(_settle, done, err, rewards),
+                       deadline=self._deadline(context))
+        (arrival.put if arrival is not None else self.scorer.submit)(job)
+        try:
+            return await done
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+
+    def _display_order(self, chosen: list[int]) -> list[int]:
+        """Candidates in the order shown: random when several, so position bias can be estimated."""
+        shown = list(chosen)
+        if len(shown) > 1:
+            self.shuffle.shuffle(shown)
+        return shown
+
+    def _log_event(self, request: inference_pb2.GenerateRequest, request_id: str, loaded: LoadedVersion,
+                   records: list[ResponseRecord], params: GenerateParams) -> None:
+        timestamp_ms = self.wall_ms()
+        self.events.publish(request.session_id or request_id, lambda: build_event(
+            request_id=request_id, model_version=loaded.version, prompt=request.prompt, image=request.image,
+            image_max_bytes=self.config.event_image_max_bytes, responses=records, sampling=params.sampling_proto(),
+            timestamp_ms=timestamp_ms, session_id=request.session_id))
+
+
+def _settle(future: asyncio.Future, error: BaseException | None, result=None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

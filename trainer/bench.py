@@ -1,0 +1,216 @@
+"""`fuseloop bench train`: reward-model training, fuseloop's loop vs TRL's `RewardTrainer`, in one run.
+
+Same preference pairs (scenes task; gold-ordered, with simulated-user label noise on the training
+side only), same initial weights, batch size, learning rate, optimizer (AdamW, weight decay 0.01,
+constant lr, grad-norm clip 1.0) and number of training examples. Both are scored by the same
+function (`evaluate_pairs`) on the same held-out pairs, split by request as the trainer splits.
+
+How TRL is fed: `RewardTrainer` calls `model(**batch)` and reads `.logits` (chosen rows first,
+then rejected rows). `TRLRewardModel` is a thin `transformers.PreTrainedModel` around our
+`RewardModel`, and `ImagePreferenceCollator` adds the image and prompt tensors to TRL's padded
+(chosen; rejected) response ids. `compute_loss` is TRL's own, unchanged.
+
+Timing: wall seconds are end to end from pairs to trained model. fuseloop's include its two
+held-out evaluations (before/after, part of `train_reward`); TRL's include building the dataset
+and the trainer (accelerate set-up). examples/s = training examples / wall seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+
+from fuseloop.demo.simulated_users import UserModel
+from fuseloop.model import ModelConfig, RewardModel, count_parameters
+from fuseloop.preprocessing import PreprocessConfig, Preprocessor, pad_right
+from fuseloop.scenes import BiasedAnnotator, GoldOracle, alternative_answer, make_split, png_bytes, render, task_texts
+from fuseloop.tokenizer import train_tokenizer
+from trainer.batches import ContextTensors
+from trainer.reward_training import RewardTrainConfig, evaluate_pairs, is_heldout, split, train_reward
+from trainer.signals import Context, TrainingSet
+
+TRL_MISSING = ("TRL is not installed, so there is no baseline to compare with. Install the bench extra:\n"
+               "  .venv/bin/pip install -c constraints.txt -e '.[bench]'")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    n_examples: int = 3000  # scenes questions, one preference pair each
+    heldout_share: float = 0.15
+    label_noise: float = UserModel().noise  # training pairs flipped, as simulated users do
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def preference_pairs(cfg: BenchConfig) -> TrainingSet:
+    """One pair per validation-split question: the gold answer over a wrong one (the annotator's
+    typical confusion where it has one, else another well-formed answer). Held-out pairs stay
+    gold-ordered; training pairs are flipped with probability `label_noise`."""
+    rng = random.Random(cfg.seed)
+    oracle, annotator = GoldOracle(), BiasedAnnotator()
+    out = TrainingSet()
+    for i, ex in enumerate(make_split("validation", cfg.n_examples)):
+        wrong = annotator.confusion(ex) if annotator.biased(ex) and rng.random() < 0.5 else alternative_answer(ex, rng)
+        if oracle.score(ex, wrong) >= oracle.score(ex, ex.answer):
+            continue
+        ctx = Context(ex.prompt, png_bytes(render(ex.scene)), request_id=f"bench-{cfg.seed}-{i}")
+        chosen, rejected = ex.answer, wrong
+        if not is_heldout(ctx.request_id, cfg.heldout_share) and rng.random() < cfg.label_noise:
+            chosen, rejected = rejected, chosen
+        out.pairs.append((ctx, chosen, rejected, 1.0))
+    out.counts["preference"] = len(out.pairs)
+    return out
+
+
+def fresh_reward_model(cfg: BenchConfig) -> tuple[RewardModel, Preprocessor]:
+    """An untrained reward model with the default architecture and the task's tokenizer."""
+    torch.manual_seed(cfg.seed)
+    tok = train_tokenizer(task_texts())
+    pre = Preprocessor(tok, PreprocessConfig())
+    mcfg = replace(cfg.model, vocab_size=len(tok), image_size=pre.config.image_size,
+                   max_prompt_tokens=pre.config.max_prompt_tokens, max_response_tokens=pre.config.max_response_tokens,
+                   pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id)
+    return RewardModel(mcfg), pre
+
+
+# -- the two contenders ------------------------------------------------------------------------------
+
+def run_fuseloop(reward: RewardModel, pre: Preprocessor, data: TrainingSet, cfg: BenchConfig, n_train: int) -> dict:
+    steps = math.ceil(cfg.epochs * n_train / cfg.batch_size)
+    rcfg = RewardTrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, heldout_share=cfg.heldout_share,
+                             seed=cfg.seed)
+    t0 = time.perf_counter()
+    result = train_reward(reward, data, ContextTensors(pre), rcfg)
+    wall = time.perf_counter() - t0
+    return {"examples": steps * cfg.batch_size, "steps": steps, "wall_s": wall,
+            "final_loss": float(np.mean(result["loss"][-10:]))}
+
+
+def run_trl(reward: RewardModel, pre: Preprocessor, train_pairs: list, cfg: BenchConfig, workdir: str) -> dict:
+    import datasets
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import SequenceClassifierOutput
+    from trl import RewardConfig, RewardTrainer
+
+    class TRLRewardModel(PreTrainedModel):
+        """Our RewardModel as the sequence classifier TRL expects: logits (B, 1)."""
+
+        config_class = PretrainedConfig
+        main_input_name = "input_ids"
+
+        def __init__(self, inner: RewardModel) -> None:
+            super().__init__(PretrainedConfig(num_labels=1))
+            self.inner = inner  # no post_init(): it would re-initialize the shared weights
+
+        def forward(self, input_ids, attention_mask, pixel_values, prompt_ids, prompt_mask, **_):
+            r = self.inner(pixel_values, prompt_ids, prompt_mask, input_ids, attention_mask)
+            return SequenceClassifierOutput(logits=r[:, None])
+
+    contexts = [p[0] for p in train_pairs]
+    tensors = ContextTensors(pre)
+
+    def collate(examples: list[dict]) -> dict:
+        """TRL's layout (chosen rows, then rejected rows) plus the image and prompt of each row."""
+        n = len(examples)
+        ids, mask = pad_right([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples], pre.pad_id)
+        pids, pmask = pad_right([e["prompt_ids"] for e in examples], pre.pad_id)
+        px = tensors.pixels([contexts[e["idx"]] for e in examples])
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                "pixel_values": px.repeat(2, 1, 1, 1), "prompt_ids": torch.from_numpy(pids).repeat(2, 1),
+                "prompt_mask": torch.from_numpy(pmask).repeat(2, 1)} if n else {}
+
+    t0 = time.perf_counter()
+    # Tokenized up front, as TRL's own preprocessing does, with the serving tokenization.
+    response_ids = lambda text: [pre.bos_id] + pre.response_ids(text)  # noqa: E731
+    dataset = datasets.Dataset.from_dict({
+        "idx": list(range(len(train_pairs))),
+        "prompt_ids": [pre.prompt_ids(c.prompt) for c in contexts],
+        "chosen_ids": [response_ids(p[1]) for p in train_pairs],
+        "rejected_ids": [response_ids(p[2]) for p in train_pairs],
+    })
+    args = RewardConfig(
+        output_dir=workdir, per_device_train_batch_size=cfg.batch_size, num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr, lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0,
+        optim="adamw_torch", seed=cfg.seed, data_seed=cfg.seed, use_cpu=True, report_to="none",
+        save_strategy="no", logging_strategy="no", remove_unused_columns=False, dataloader_num_workers=0,
+        disable_dropout=False, max_length=None)
+    model = TRLRewardModel(reward)
+    trainer = RewardTrainer(model=model, args=args, data_collator=collate, train_dataset=dataset,
+                            processing_class=pre.tokenizer)
+    out = trainer.train()
+    wall = time.perf_counter() - t0
+    return {"examples": cfg.epochs * len(train_pairs), "steps": out.global_step, "wall_s": wall,
+            "train_loop_s": out.metrics.get("train_runtime"), "final_loss": out.training_loss}
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+def run(cfg: BenchConfig, workdir: str) -> dict:
+    data = preference_pairs(cfg)
+    train_pairs, held_pairs = split(data.pairs, cfg.heldout_share)
+    init, pre = fresh_reward_model(cfg)
+    print(f"{len(train_pairs)} training pairs ({cfg.label_noise:.0%} flipped), {len(held_pairs)} held-out pairs; "
+          f"reward model {count_parameters(init):,} parameters; {cfg.epochs} epochs, batch {cfg.batch_size}, "
+          f"lr {cfg.lr}", file=sys.stderr)
+    before = evaluate_pairs(init, ContextTensors(pre), held_pairs)["pairwise_accuracy"]
+    results = {}
+    for name in ("fuseloop", "trl"):
+        model = copy.deepcopy(init)
+        torch.manual_seed(cfg.seed)
+        if name == "fuseloop":
+            r = run_fuseloop(model, pre, data, cfg, len(train_pairs))
+        else:
+            r = run_trl(model, pre, train_pairs, cfg, workdir)
+        heldout = evaluate_pairs(model, ContextTensors(pre), held_pairs)
+        r.update(examples_per_s=r["examples"] / r["wall_s"], heldout_pairwise_accuracy=heldout["pairwise_accuracy"],
+                 heldout_calibration_ece=heldout["calibration_ece"])
+        results[name] = r
+    return {"config": {k: v for k, v in asdict(cfg).items() if k != "model"}, "train_pairs": len(train_pairs),
+            "heldout_pairs": len(held_pairs), "heldout_accuracy_before": before, "torch_threads": torch.get_num_threads(),
+            "results": results}
+
+
+def print_table(report: dict) -> None:
+    print(f"reward-model training: {report['train_pairs']} pairs x {report['config']['epochs']} epochs, "
+          f"held-out {report['heldout_pairs']} pairs (accuracy before training {report['heldout_accuracy_before']:.3f})")
+    print(f"{'':10} {'examples':>9} {'steps':>6} {'wall s':>8} {'examples/s':>11} {'held-out acc':>13} {'ECE':>6}")
+    for name, r in report["results"].items():
+        print(f"{name:10} {r['examples']:>9} {r['steps']:>6} {r['wall_s']:>8.1f} {r['examples_per_s']:>11.0f} "
+              f"{r['heldout_pairwise_accuracy']:>13.3f} {r['heldout_calibration_ece']:>6.3f}")
+    ours, trl = report["results"]["fuseloop"], report["results"]["trl"]
+    print(f"fuseloop / TRL: throughput x{ours['examples_per_s'] / trl['examples_per_s']:.2f}, "
+          f"held-out accuracy {ours['heldout_pairwise_accuracy'] - trl['heldout_pairwise_accuracy']:+.3f}")
+
+
+def main(json_output: bool = False) -> int:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print(TRL_MISSING, file=sys.stderr)
+        return 2
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fuseloop-bench-train-") as workdir:
+        report = run(BenchConfig(), workdir)
+    if json_output:
+        print(json.dumps(report, default=float))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("--json" in sys.argv))

@@ -1,0 +1,75 @@
+"""Redeploying a published version: the fuseloop admin Deploy RPC (embedded runtime, or a
+service fronting Triton), or Triton's RepositoryModelLoad directly."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import grpc
+
+from fuseloop.repository import MODELS
+from fuseloop.v1 import admin_pb2, admin_pb2_grpc
+
+
+class Deployer(ABC):
+    @abstractmethod
+    def deploy(self, version: int) -> str:
+        """Makes `version` serve; returns a line saying what happened."""
+
+    def rollback(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__} cannot roll back")
+
+
+class AdminDeployer(Deployer):
+    """Through the inference service's AdminService (it loads, warms and swaps atomically)."""
+
+    def __init__(self, target: str, admin_token: str, timeout_s: float = 120.0) -> None:
+        self.target, self.token, self.timeout_s = target, admin_token, timeout_s
+
+    def _call(self, method: str, request):
+        with grpc.insecure_channel(self.target) as channel:
+            stub = admin_pb2_grpc.AdminServiceStub(channel)
+            return getattr(stub, method)(request, timeout=self.timeout_s,
+                                         metadata=[("authorization", f"Bearer {self.token}")])
+
+    def deploy(self, version: int) -> str:
+        r = self._call("Deploy", admin_pb2.DeployRequest(version=str(version)))
+        return f"deployed {r.serving_version} on {self.target} (previous {r.previous_version or '-'})"
+
+    def rollback(self) -> str:
+        r = self._call("Rollback", admin_pb2.RollbackRequest())
+        return f"rolled back to {r.serving_version} on {self.target} (was {r.previous_version})"
+
+    def status(self) -> admin_pb2.StatusResponse:
+        return self._call("Status", admin_pb2.StatusRequest())
+
+    def list_models(self) -> admin_pb2.ListModelsResponse:
+        return self._call("ListModels", admin_pb2.ListModelsRequest())
+
+
+class TritonDeployer(Deployer):
+    """RepositoryModelLoad of each model: with version_policy latest 2, the new version loads
+    beside the old one, so nothing fails during the swap."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def deploy(self, version: int) -> str:
+        import tritonclient.grpc as triton
+
+        client = triton.InferenceServerClient(self.url)
+        for model in MODELS:
+            client.load_model(model)
+        for model in MODELS:
+            if not client.is_model_ready(model, str(version)):
+                raise RuntimeError(f"Triton at {self.url} did not make {model} version {version} ready")
+        return f"loaded version {version} on Triton {self.url}"
+
+
+def make_deployer(target: str | None, admin_token: str = "") -> Deployer | None:
+    """`HOST:PORT` -> the fuseloop admin service; `triton://HOST:PORT` -> Triton; None -> publish only."""
+    if not target:
+        return None
+    if target.startswith("triton://"):
+        return TritonDeployer(target.removeprefix("triton://"))
+    return AdminDeployer(target.removeprefix("grpc://"), admin_token)

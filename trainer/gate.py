@@ -1,0 +1,73 @@
+"""The gate before redeploy: the candidate must beat the serving version on held-out prompts,
+by reward-model score and, where a gold oracle exists (the demo), by the oracle; and it must
+stay inside the KL budget. A candidate that fails is kept but not deployed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fuseloop.model import FusedPolicy, RewardModel, generate
+from trainer.batches import ContextTensors, tokens_to_inputs
+from trainer.signals import Context
+
+GoldCheck = Callable[[FusedPolicy], float]  # gold accuracy of a policy (evaluation only)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    min_reward_gain: float = 0.0  # candidate's mean RM score must exceed serving's by more than this
+    min_gold_gain: float = 0.0  # likewise for gold accuracy, when a gold check is given
+    kl_budget: float = 3.0
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    reward_candidate: float = 0.0
+    reward_serving: float = 0.0
+    gold_candidate: float | None = None
+    gold_serving: float | None = None
+    kl: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mean_greedy_reward(policy: FusedPolicy, reward: RewardModel, tensors: ContextTensors, contexts: list[Context],
+                       batch_size: int = 256) -> float:
+    policy.eval()
+    reward.eval()
+    scores = []
+    cfg = policy.cfg
+    with torch.no_grad():
+        for i in range(0, len(contexts), batch_size):
+            px, ids, mask = tensors.inputs(contexts[i: i + batch_size])
+            tokens, _ = generate(policy, px, ids, mask, cfg.max_response_tokens, 0.0)
+            inp, imask = tokens_to_inputs(tokens, cfg.bos_id, cfg.eos_id)
+            scores.append(reward(px, ids, mask, inp, imask))
+    return float(torch.cat(scores).mean()) if scores else float("nan")
+
+
+def run_gate(candidate: FusedPolicy, serving: FusedPolicy, reward: RewardModel, tensors: ContextTensors,
+             heldout: list[Context], kl: float, cfg: GateConfig, gold: GoldCheck | None = None) -> GateResult:
+    res = GateResult(passed=True, kl=kl)
+    res.reward_candidate = mean_greedy_reward(candidate, reward, tensors, heldout)
+    res.reward_serving = mean_greedy_reward(serving, reward, tensors, heldout)
+    gain = res.reward_candidate - res.reward_serving
+    if not gain > cfg.min_reward_gain:
+        res.passed = False
+        res.reasons.append(f"reward-model score {res.reward_candidate:.3f} does not beat serving "
+                           f"{res.reward_serving:.3f} by more than {cfg.min_reward_gain}")
+    if gold is not None:
+        res.gold_candidate, res.gold_serving = gold(candidate), gold(serving)
+        if not res.gold_candidate - res.gold_serving > cfg.min_gold_gain:
+            res.passed = False
+            res.reasons.append(f"gold accuracy {res.gold_candidate:.3f} does not beat serving {res.gold_serving:.3f}")
+    if kl > cfg.kl_budget:
+        res.passed = False
+        res.reasons.append(f"KL to the reference {kl:.3f} is over the budget {cfg.kl_budget}")
+    return res

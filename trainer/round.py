@@ -1,0 +1,174 @@
+"""Recipe: one training round. Consume -> join -> reward model -> policy gradient -> gate ->
+publish -> redeploy, with a report, a CSV row and PNG curves."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fuseloop.bus import EventBus, TopicConfig
+from fuseloop.checkpoint import Checkpoint
+from fuseloop.events import dead_letter
+from fuseloop.repository import ModelRepository, read_serving_state
+from trainer.batches import ContextTensors
+from trainer.deploy import Deployer
+from trainer.export import publish
+from trainer.gate import GateConfig, GoldCheck, run_gate
+from trainer.ingest import IngestConfig, Ingestor
+from trainer.plots import plot_curves
+from trainer.policy_gradient import PolicyGradientConfig, sequence_kl, train_policy
+from trainer.reward_training import RewardTrainConfig, is_heldout, train_reward
+from trainer.signals import Context, SignalWeights, build_training_set
+from trainer.store import DatasetStore
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    workdir: Path
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    weights: SignalWeights = field(default_factory=SignalWeights)
+    reward: RewardTrainConfig = field(default_factory=RewardTrainConfig)
+    policy: PolicyGradientConfig = field(default_factory=PolicyGradientConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    prompt_window_rounds: int = 3  # policy-gradient prompts come from this many recent rounds
+    max_prompts: int = 4000
+    heldout_share: float = 0.15
+    join_grace_rounds: int = 1  # feedback whose response is still unknown after this many rounds: dead letter
+    min_new_feedback: int = 20  # fewer new feedback events: no training this round
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, bus: EventBus, repo: ModelRepository, topics: TopicConfig = TopicConfig(),
+                 deployer: Deployer | None = None, gold: GoldCheck | None = None) -> None:
+        self.config, self.bus, self.repo, self.topics = config, bus, repo, topics
+        self.deployer, self.gold = deployer, gold
+        Path(config.workdir).mkdir(parents=True, exist_ok=True)
+        self.store = DatasetStore(Path(config.workdir) / "dataset.db")
+        self.ingestor = Ingestor(bus, self.store, topics, config.ingest)
+
+    def close(self) -> None:
+        self.ingestor.close()
+        self.store.close()
+
+    def base_version(self) -> int:
+        state = read_serving_state(self.repo.root)
+        version = state.serving or self.repo.latest()
+        if version is None:
+            raise RuntimeError(f"no version in {self.repo.root}: run `fuseloop pretrain` and `fuseloop export` first")
+        return version
+
+    def run_round(self) -> dict:
+        t0 = time.perf_counter()
+        round_ = self.store.last_round() + 1
+        ingest = self.ingestor.ingest(round_)
+        report: dict = {"round": round_, "ingest": ingest.to_dict()}
+        data = build_training_set(self.store, self.store.feedback())
+        self._settle_unjoined(data.unjoined, round_, report)
+        report["signals"] = data.report()
+        new_feedback = ingest.feedback_events
+        base = self.base_version()
+        report.update(parent_version=base, deployed=False, version=None)
+        if new_feedback < self.config.min_new_feedback:
+            report["skipped"] = f"{new_feedback} new feedback events (< {self.config.min_new_feedback}): nothing to learn"
+            return self._finish(round_, report, t0)
+
+        ckpt = Checkpoint.load(self.repo.checkpoint_dir(base))
+        reference = ckpt.reference or copy.deepcopy(ckpt.policy)
+        serving_policy = copy.deepcopy(ckpt.policy)
+        tensors = ContextTensors(ckpt.preprocessor)
+
+        timings = report.setdefault("timings", {"ingest": round(ingest.seconds, 1)})
+        t = time.perf_counter()
+        rm = train_reward(ckpt.reward, data, tensors, self.config.reward)
+        timings["reward_model"], t = round(time.perf_counter() - t, 1), time.perf_counter()
+        report["reward_model"] = {k: v for k, v in rm.items() if k != "loss"}
+
+        since = max(1, round_ - self.config.prompt_window_rounds + 1)
+        contexts = [Context(p, img, rid) for rid, p, img in self.store.requests(since, self.config.max_prompts)]
+        train_ctx = [c for c in contexts if not is_heldout(c.request_id, self.config.heldout_share)]
+        held_ctx = [c for c in contexts if is_heldout(c.request_id, self.config.heldout_share)] or contexts[:32]
+        pg = train_policy(ckpt.policy, reference, ckpt.reward, train_ctx or contexts, data.demos, tensors,
+                          self.config.policy)
+        kl = sequence_kl(ckpt.policy, reference, tensors, held_ctx)
+        timings["policy"], t = round(time.perf_counter() - t, 1), time.perf_counter()
+        report["policy"] = {"steps": pg["steps"], "stopped": pg["stopped"], "kl": kl,
+                            "reward_first": pg["curves"]["reward"][0], "reward_last": pg["curves"]["reward"][-1]}
+        gate = run_gate(ckpt.policy, serving_policy, ckpt.reward, tensors, held_ctx, kl, self.config.gate, self.gold)
+        report["gate"] = gate.to_dict()
+        timings["gate"], t = round(time.perf_counter() - t, 1), time.perf_counter()
+        workdir = Path(self.config.workdir)
+        plot_curves(workdir / f"round-{round_:03d}.png", f"round {round_}",
+                    {"reward-model loss": rm["loss"], "policy reward": pg["curves"]["reward"],
+                     "KL to reference": pg["curves"]["kl"]})
+        candidate = Checkpoint(ckpt.policy, ckpt.reward, ckpt.preprocessor, reference,
+                               metrics={"round": round_, "gate": gate.to_dict(), "kl": kl,
+                                        "reward_model": report["reward_model"]})
+        if not gate.passed:
+            candidate.save(workdir / "candidates" / f"round-{round_:03d}")
+            report["not_deployed_because"] = gate.reasons
+            return self._finish(round_, report, t0)
+
+        lineage = {"round": round_, "parent_version": base, "offsets_from": ingest.to_dict()["offsets_from"],
+                   "offsets_to": ingest.to_dict()["offsets_to"], "feedback_counts": dict(data.counts),
+                   "new_feedback_events": new_feedback, "inference_events": ingest.inference_events,
+                   "store_offsets": {f"{t}/{p}": o for (t, p), o in sorted(self.store.offsets().items())}}
+        manifest = publish(candidate, self.repo, parent_version=base, metrics=candidate.metrics, lineage=lineage)
+        report["version"] = manifest.version
+        timings["export"], t = round(time.perf_counter() - t, 1), time.perf_counter()
+        if self.deployer is not None:
+            report["deploy"] = self.deployer.deploy(manifest.version)
+            report["deployed"] = True
+            timings["deploy"] = round(time.perf_counter() - t, 1)
+        return self._finish(round_, report, t0)
+
+    def _settle_unjoined(self, unjoined, round_: int, report: dict) -> None:
+        """Feedback whose response is still unknown after the grace period goes to the dead letters."""
+        expired = [r for r in unjoined if r.round <= round_ - self.config.join_grace_rounds]
+        for row in expired:
+            reason = f"response_id of {row.kind} feedback was never logged by the inference service"
+            self.bus.publish(self.topics.dead_letter, row.event_id.encode(),
+                             dead_letter(row.payload, self.topics.feedback, reason, row.event_id))
+        self.store.begin()
+        for row in expired:
+            self.store.add_dead_letter(self.topics.feedback, "unjoinable feedback", row.event_id, round_)
+        self.store.delete_feedback([r.key for r in expired])
+        self.store.commit()
+        report["unjoined_dead_lettered"] = len(expired)
+        report["unjoined_waiting"] = len(unjoined) - len(expired)
+
+    def _finish(self, round_: int, report: dict, t0: float) -> dict:
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        if self.gold is not None and "gold_accuracy" not in report:
+            served = self.base_version() if not report["deployed"] else report["version"]
+            report["gold_accuracy"] = self.gold(Checkpoint.load(self.repo.checkpoint_dir(served)).policy)
+        self.store.save_round(round_, report)
+        self._write_metrics(report)
+        return report
+
+    def _write_metrics(self, report: dict) -> None:
+        workdir = Path(self.config.workdir)
+        row = {"round": report["round"], "version": report.get("version"), "deployed": report["deployed"],
+               "events": report["ingest"]["records"], "feedback": report["ingest"]["feedback_events"],
+               "rm_pairwise_accuracy": report.get("reward_model", {}).get("after", {}).get("pairwise_accuracy"),
+               "kl": report.get("policy", {}).get("kl"), "gold_accuracy": report.get("gold_accuracy"),
+               "seconds": report["seconds"]}
+        path = workdir / "rounds.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        (workdir / f"round-{report['round']:03d}.json").write_text(json.dumps(report, indent=2, default=str))
+        rows = list(csv.DictReader(open(path)))
+
+        def col(name: str) -> list[float]:
+            return [float(r[name]) if r[name] not in ("", "None") else float("nan") for r in rows]
+
+        plot_curves(workdir / "rounds.png", "training rounds",
+                    {"gold accuracy": col("gold_accuracy"), "KL to reference": col("kl"),
+                     "RM held-out pairwise acc.": col("rm_pairwise_accuracy")}, xlabel="round")
