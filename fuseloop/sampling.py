@@ -12,6 +12,8 @@ independent, reproducible samples.
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 
 
@@ -63,8 +65,10 @@ def sample_next(logits: np.ndarray, temperature: np.ndarray, top_p: np.ndarray,
     return tokens, np.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0].astype(np.float32)
 
 
-def sequence_rng(seed: int | None, index: int) -> np.random.Generator:
-    """Candidate `index` of a request seeded with `seed`: reproducible, and distinct per candidate."""
+def sequence_rng(seed: int | None, index: int) -> random.Random:
+    """The uniform stream of candidate `index` of a request seeded with `seed`: reproducible and
+    distinct per candidate (string seeds hash with SHA-512, the same in every process). A stdlib
+    generator: one draw per token per sequence, where numpy's per-call overhead would dominate."""
     if seed is None:
-        return np.random.default_rng()
-    return np.random.default_rng([int(seed), int(index)])
+        return random.Random()
+    return random.Random(f"fuseloop:{int(seed)}:{int(index)}")

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from fuseloop.checkpoint import Checkpoint
+from fuseloop.cli import main as cli
 from fuseloop.repository import ModelRepository
 from trainer.export import publish
-from trainer.pretrain import PretrainConfig, pretrain
 
 
 def build_quick_run(run_dir: Path) -> Checkpoint:
-    pretrain(PretrainConfig.quick(), run_dir)
+    """Through the command line, as a user would: `fuseloop pretrain --out RUN_DIR --quick`."""
+    assert cli(["pretrain", "--out", str(run_dir), "--quick"]) == 0
     return Checkpoint.load(run_dir)
 
 

@@ -59,8 +59,7 @@ def test_every_acknowledged_event_arrives_exactly_once_after_a_broker_restart(lo
             spool_dir=str(tmp_path / "spool"),
             send_timeout_s=1.0,  # how long a call may wait for Kafka before its events go to the spool
             replay_interval_s=0.2,
-        ),
-        topics=fresh_topics,
+        )
     )
     config = FeedbackServiceConfig(app_tokens={"restart-token": "app"}, pseudonym_key=b"k" * 32, port=0, topics=fresh_topics)
     with FeedbackServer(config, bus) as server:

@@ -146,7 +146,7 @@ def run_trl(reward: RewardModel, pre: Preprocessor, train_pairs: list, cfg: Benc
         learning_rate=cfg.lr, lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0,
         optim="adamw_torch", seed=cfg.seed, data_seed=cfg.seed, use_cpu=True, report_to="none",
         save_strategy="no", logging_strategy="no", remove_unused_columns=False, dataloader_num_workers=0,
-        disable_dropout=False, max_length=None)
+        disable_dropout=False, max_length=None, gradient_checkpointing=False)
     model = TRLRewardModel(reward)
     trainer = RewardTrainer(model=model, args=args, data_collator=collate, train_dataset=dataset,
                             processing_class=pre.tokenizer)

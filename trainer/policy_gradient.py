@@ -99,7 +99,7 @@ def train_policy(policy: FusedPolicy, reference: FusedPolicy, reward: RewardMode
         opt.step()
         curves["reward"].append(float(rewards.mean()))
         curves["kl"].append(float(kl.mean()))
-        curves["loss"].append(float(loss))
+        curves["loss"].append(float(loss.detach()))
         bar.set_postfix(reward=f"{curves['reward'][-1]:.3f}", kl=f"{curves['kl'][-1]:.3f}")
         if np.mean(curves["kl"][-3:]) > cfg.kl_budget:
             stopped = f"KL budget {cfg.kl_budget} reached"

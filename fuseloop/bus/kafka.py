@@ -26,7 +26,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from fuseloop.bus.base import BusConsumer, BusError, EventBus, Record, TopicConfig
+from fuseloop.bus.base import BusConsumer, BusError, EventBus, Record
 from fuseloop.bus.spool import Spool, SpooledRecord
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,8 @@ def producer_settings(config: KafkaBusConfig) -> dict:
 
 
 class KafkaBus(EventBus):
-    def __init__(self, config: KafkaBusConfig, topics: TopicConfig | None = None) -> None:
+    def __init__(self, config: KafkaBusConfig) -> None:
         self.config = config
-        self.topics = topics or TopicConfig()
         # The spool is opened (and its directory locked) only when needed, so processes that just
         # consume, or never see Kafka fail, leave it to the one that does.
         self._spool: Spool | None = None
@@ -146,6 +145,7 @@ class KafkaBus(EventBus):
         """Hands the events to the producer on the caller's loop and awaits the acks, with no thread
         per call; falls back to the blocking path whenever it might block (spooling, no metadata yet)."""
         producer = self._producer
+        # send() blocks only to fetch a topic's metadata (kafka-python has no public non-blocking check).
         if not items or self._spooling or producer is None or producer._metadata.partitions_for_topic(topic) is None:
             return await super().publish_many_async(topic, items, executor)
         loop = asyncio.get_running_loop()
@@ -292,8 +292,12 @@ class KafkaBus(EventBus):
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
-    if not future.done():
-        future.set_exception(error) if error is not None else future.set_result(None)
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 def _holds_records(spool_dir: Path) -> bool:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from fuseloop.bus.base import EventBus, TopicConfig
+from fuseloop.bus.base import EventBus
 
 
 DEFAULT_BUS_ENV = "FUSELOOP_BUS"
@@ -32,7 +32,7 @@ def parse_api_version(text: str) -> tuple[int, ...] | None:
         raise ValueError(f"api_version must look like 0.9 or 3.7 (or auto), got {text!r}") from None
 
 
-def open_bus(url: str, *, topics: TopicConfig | None = None, **settings: object) -> EventBus:
+def open_bus(url: str, **settings: object) -> EventBus:
     """The bus a URL names. `settings` fill KafkaBusConfig/SqliteBusConfig fields the URL leaves out
     (e.g. client_id, spool_dir); the URL's query wins over them. Settings the chosen bus does not
     have are ignored (a service passes spool_dir whatever the URL); unknown query keys are errors."""
@@ -46,7 +46,7 @@ def open_bus(url: str, *, topics: TopicConfig | None = None, **settings: object)
         values = {**_known(KafkaBusConfig, settings), **query}
         if "api_version" in values and isinstance(values["api_version"], str):
             values["api_version"] = parse_api_version(values["api_version"])
-        return KafkaBus(_build(KafkaBusConfig, {"bootstrap": parts.netloc, **values}, url), topics=topics)
+        return KafkaBus(_build(KafkaBusConfig, {"bootstrap": parts.netloc, **values}, url))
     if parts.scheme == "sqlite":
         from fuseloop.bus.sqlite import SqliteBus, SqliteBusConfig
 

@@ -212,7 +212,7 @@ def _serve_main() -> None:
     if args["bus_url"] == "discard:":
         bus: EventBus = DiscardingBus()
     else:
-        bus = open_bus(args["bus_url"], topics=topics, **args["bus_settings"])
+        bus = open_bus(args["bus_url"], **args["bus_settings"])
     config = FeedbackServiceConfig(
         app_tokens={TOKEN: APP}, pseudonym_key=KEY, port=0, topics=topics, max_batch=args["max_batch"]
     )
@@ -340,7 +340,7 @@ def measure(config: FeedbackBenchConfig, kafka: LocalKafka, workdir: Path, progr
 
 def run_bench(config: FeedbackBenchConfig, as_json: bool = False) -> int:
     progress = (lambda *_: None) if as_json else print
-    progress(f"starting a local Kafka 0.9 broker ...")
+    progress("starting a local Kafka 0.9 broker ...")
     with LocalKafka() as kafka, tempfile.TemporaryDirectory(prefix="fuseloop-bench-") as tmp:
         results = measure(config, kafka, Path(tmp), progress)
     report = {"benchmark": "feedback", "config": asdict(config), "broker": "Kafka 0.9.0.1 (local, 1 broker)",

@@ -177,7 +177,7 @@ class Deployment:
             log.warning("%s; waiting for a Deploy", self.last_error)
             return
         try:
-            await self._swap_to(version, record=self.state.serving != version)
+            await self._swap_to(version, persist=False)
         except (RepositoryError, VersionNotFound, OSError) as e:
             self.last_error = str(e)
             log.error("could not load version %s: %s", version, e)
@@ -192,24 +192,26 @@ class Deployment:
         async with self._deploy_lock:
             if self._serving is not None and self._serving.version == version:
                 return self.state
-            await self._swap_to(version, record=True)
+            await self._swap_to(version, persist=True)
             return self.state
 
     async def rollback(self) -> DeploymentState:
         async with self._deploy_lock:
             if self.state.previous is None:
                 raise NothingToRollBack("there is no previous version to roll back to")
-            await self._swap_to(self.state.previous, record=True)
+            await self._swap_to(self.state.previous, persist=True)
             return self.state
 
-    async def _swap_to(self, version: int, record: bool) -> None:
+    async def _swap_to(self, version: int, persist: bool) -> None:
+        """Loads `version` beside the serving one, records it (in the state file when `persist`:
+        deploys, not the startup load, so a read-only repository can still be served), swaps."""
         if version not in self.repo.versions():
             raise VersionNotFound(f"version {version} is not in the repository "
                                   f"(available: {', '.join(map(str, self.repo.versions())) or 'none'})")
         # Verify, load and warm off the event loop, beside the serving version.
         loaded = await asyncio.get_running_loop().run_in_executor(self.executor, self.runtime.load, self.repo, version)
         old = self._serving
-        if record:
+        if persist:
             state = DeploymentState(serving=version, previous=old.version if old else self.state.serving,
                                     history=(self.state.history + [version])[-self.history_limit:])
             try:
@@ -218,8 +220,9 @@ class Deployment:
                 loaded.close()
                 raise
             self.state = state
-        elif self.state.serving is None:
-            self.state.serving = version
+        elif self.state.serving != version:  # startup without (a usable) state file
+            self.state = DeploymentState(serving=version, previous=None,
+                                         history=(self.state.history + [version])[-self.history_limit:])
         self._serving = ServedVersion(loaded)  # the swap: one reference assignment
         self.last_error = ""
         if old is not None:

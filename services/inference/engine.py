@@ -14,6 +14,7 @@ lengths are right-padded and masked the same way.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ class SequenceSpec:
     temperature: float
     top_p: float
     max_new_tokens: int
-    rng: np.random.Generator | None  # None for greedy decoding
+    rng: random.Random | None  # uniforms for sampling (fuseloop.sampling.sequence_rng); None for greedy
 
 
 @dataclass
@@ -107,7 +108,7 @@ class DecodeGroup:
         self.temperature = np.zeros(0)
         self.top_p = np.zeros(0)
         self.max_new = np.zeros(0, dtype=np.int64)
-        self.rngs: list[np.random.Generator | None] = []
+        self.rngs: list[random.Random | None] = []
 
     def __len__(self) -> int:
         return len(self.jobs)

@@ -32,6 +32,7 @@ from services.inference.engine import EngineConfig, GenerationEngine
 from services.inference.events import EventPublisher
 from services.inference.kserve import KServeModels, KServeService
 from services.inference.metrics import InferenceMetrics
+from services.inference.rpc_handlers import add_service
 from services.inference.runtime.base import ModelRuntime
 from services.inference.scoring import ScoreBatcher
 from services.inference.service import InferenceService
@@ -84,12 +85,14 @@ class InferenceServer:
 
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", c.max_message_bytes),
                                           ("grpc.max_send_message_length", c.max_message_bytes)])
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceService(c, self.deployment, self.engine, self.scorer, self.events, self.metrics, self.executor,
-                             self.clock, self.wall_ms, self.shuffle), server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(self.deployment, auth, self.runtime.name), server)
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeService(self.kserve_models, auth, self.executor), server)
+        add_service(server, InferenceService(c, self.deployment, self.engine, self.scorer, self.events, self.metrics,
+                                             self.executor, self.clock, self.wall_ms, self.shuffle),
+                    inference_pb2.DESCRIPTOR.services_by_name["InferenceService"], inference_pb2_grpc.InferenceServiceServicer)
+        add_service(server, AdminService(self.deployment, auth, self.runtime.name),
+                    admin_pb2.DESCRIPTOR.services_by_name["AdminService"], admin_pb2_grpc.AdminServiceServicer)
+        add_service(server, KServeService(self.kserve_models, auth, self.executor),
+                    service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+                    service_pb2_grpc.GRPCInferenceServiceServicer)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

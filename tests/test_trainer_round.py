@@ -1,0 +1,146 @@
+"""A training round on a real bus (the embedded SQLite log and the real Kafka broker): joining,
+dedupe, dead letters, publish and redeploy through the inference service's admin API."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fuseloop.bus import TopicConfig
+from fuseloop.bus.url import open_bus
+from fuseloop.repository import ModelRepository
+from fuseloop.v1 import events_pb2
+from tests.traffic_factory import publish_traffic
+from trainer.deploy import AdminDeployer
+from trainer.gate import GateConfig
+from trainer.ingest import IngestConfig
+from trainer.policy_gradient import PolicyGradientConfig
+from trainer.reward_training import RewardTrainConfig
+from trainer.round import TrainConfig, Trainer
+
+# Small and permissive: these tests are about the data path, not about learning.
+FAST = dict(reward=RewardTrainConfig(steps=4, batch_size=16), policy=PolicyGradientConfig(steps=2, prompts_per_step=4),
+            ingest=IngestConfig(poll_timeout_s=0.3), min_new_feedback=1,
+            gate=GateConfig(min_reward_gain=-math.inf, kl_budget=math.inf))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("kafka", marks=pytest.mark.kafka)])
+def bus_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bus.db'}"
+    kafka = request.getfixturevalue("local_kafka")
+    return kafka.url
+
+
+@pytest.fixture
+def bus(bus_url, tmp_path):
+    b = open_bus(bus_url, client_id="trainer-test", spool_dir=str(tmp_path / "spool"))
+    yield b
+    b.close()
+
+
+def consume_all(bus, topic: str, group: str) -> list[bytes]:
+    consumer = bus.consumer(group, [topic])
+    out, idle = [], 0
+    while idle < 3:
+        records = consumer.poll(1000, 0.5)
+        idle = 0 if records else idle + 1
+        out += [r.value for r in records]
+    consumer.close()
+    return out
+
+
+def test_a_round_joins_dedupes_publishes_and_redeploys(bus, fresh_topics, quick_checkpoint, repo_copy, tmp_path):
+    from services.inference.config import InferenceServiceConfig
+    from services.inference.runtime.onnx_runtime import OnnxRuntime
+    from services.inference.server import InferenceServer, ServerThread
+
+    traffic = publish_traffic(bus, fresh_topics, quick_checkpoint, requests=60)
+    # Redelivery: the first 10 feedback events arrive twice.
+    for fb in traffic.feedback[:10]:
+        bus.publish(fresh_topics.feedback, fb.session_id.encode(), fb.SerializeToString())
+    repo = ModelRepository(repo_copy)
+    server = ServerThread(InferenceServer(InferenceServiceConfig(port=0, admin_token="admin"), OnnxRuntime(), repo,
+                                          state_path=tmp_path / "serving.json")).start()
+    try:
+        trainer = Trainer(TrainConfig(workdir=tmp_path / "work", **FAST), bus, repo, fresh_topics,
+                          deployer=AdminDeployer(server.address, "admin"))
+        report = trainer.run_round()
+        trainer.close()
+        status = AdminDeployer(server.address, "admin").status()
+    finally:
+        server.stop()
+
+    ingest = report["ingest"]
+    assert ingest["inference_events"] == len(traffic.inference)
+    assert ingest["feedback_events"] == len(traffic.feedback)
+    assert ingest["duplicates"] == 10
+    assert report["signals"]["unjoined"] == 0
+    assert sum(v for k, v in report["signals"]["counts"].items() if k != "preference_ties") == len(traffic.feedback)
+    assert report["deployed"] and report["version"] == 3
+    assert status.serving_version == "3"
+    lineage = repo.manifest(3).lineage
+    assert lineage["parent_version"] == report["parent_version"]
+    assert lineage["inference_events"] == len(traffic.inference)
+    assert sum(lineage["feedback_counts"].values()) >= len(traffic.feedback)
+    assert lineage["offsets_to"]  # which records it learned from
+    assert (tmp_path / "work" / "rounds.png").exists() and (tmp_path / "work" / "rounds.csv").exists()
+
+
+def test_a_second_round_without_new_feedback_learns_nothing(bus, fresh_topics, quick_checkpoint, repo_copy, tmp_path):
+    publish_traffic(bus, fresh_topics, quick_checkpoint, requests=20)
+    trainer = Trainer(TrainConfig(workdir=tmp_path / "work", **FAST), bus, ModelRepository(repo_copy), fresh_topics)
+    first = trainer.run_round()
+    second = trainer.run_round()
+    trainer.close()
+    assert first["version"] == 3 and not first["deployed"]  # published; no deployer given
+    assert second["ingest"]["records"] == 0 and "skipped" in second
+
+
+def test_malformed_and_unjoinable_events_go_to_the_dead_letter_topic(bus, fresh_topics, quick_checkpoint, repo_copy,
+                                                                     tmp_path):
+    publish_traffic(bus, fresh_topics, quick_checkpoint, requests=10)
+    bus.publish(fresh_topics.feedback, b"s", b"\xff\xfe not a protobuf")
+    bus.publish(fresh_topics.feedback, b"s", events_pb2.FeedbackEvent(
+        schema_version=1, event_id="no-signal", response_id="r").SerializeToString())
+    bus.publish(fresh_topics.feedback, b"s", events_pb2.FeedbackEvent(
+        schema_version=1, event_id="orphan", response_id="never-logged", thumbs=events_pb2.Thumbs(up=True),
+        app_id="test-app").SerializeToString())
+    bus.publish(fresh_topics.inference, b"s", events_pb2.InferenceEvent(
+        schema_version=9, event_id="future").SerializeToString())
+    cfg = replace(TrainConfig(workdir=tmp_path / "work", **FAST), join_grace_rounds=0)
+    trainer = Trainer(cfg, bus, ModelRepository(repo_copy), fresh_topics)
+    report = trainer.run_round()
+    trainer.close()
+    letters = [events_pb2.DeadLetter.FromString(v) for v in consume_all(bus, fresh_topics.dead_letter, "dlq-reader")]
+    reasons = sorted(l.reason for l in letters)
+    assert len(letters) == 4, reasons
+    assert any("malformed FeedbackEvent" in r for r in reasons)
+    assert any("no signal" in r for r in reasons)
+    assert any("never logged" in r for r in reasons)
+    assert any("schema_version 9" in r for r in reasons)
+    assert report["unjoined_dead_lettered"] == 1
+
+
+def test_the_gate_keeps_but_does_not_deploy_a_candidate_that_does_not_beat_serving(
+        bus, fresh_topics, quick_checkpoint, repo_copy, tmp_path):
+    publish_traffic(bus, fresh_topics, quick_checkpoint, requests=30)
+    strict = {**FAST, "gate": GateConfig(min_reward_gain=1e9)}
+    gold_calls = []
+
+    def gold(policy) -> float:
+        gold_calls.append(policy)
+        return 0.5
+
+    trainer = Trainer(TrainConfig(workdir=tmp_path / "work", **strict), bus, ModelRepository(repo_copy), fresh_topics,
+                      gold=gold)
+    report = trainer.run_round()
+    trainer.close()
+    assert not report["deployed"] and report["version"] is None
+    assert any("does not beat serving" in r for r in report["not_deployed_because"])
+    assert ModelRepository(repo_copy).versions() == [1, 2]
+    assert (tmp_path / "work" / "candidates" / "round-001" / "policy.pt").exists()
+    assert len(gold_calls) >= 2  # the oracle judged candidate and serving (evaluation only)
