@@ -21,8 +21,13 @@ def _train(args: argparse.Namespace) -> int:
         config = replace(config, reward=replace(config.reward, steps=args.rm_steps))
     if args.pg_steps is not None:
         config = replace(config, policy=replace(config.policy, steps=args.pg_steps))
+    if args.ingest_batch is not None:
+        config = replace(config, ingest=replace(config.ingest, poll_records=args.ingest_batch))
+    from fuseloop.bus import TopicConfig
+
+    topics = TopicConfig(args.inference_topic, args.feedback_topic, args.dead_letter_topic)
     bus = open_bus(args.bus, client_id="fuseloop-trainer")
-    trainer = Trainer(config, bus, ModelRepository(Path(args.repo)),
+    trainer = Trainer(config, bus, ModelRepository(Path(args.repo)), topics,
                       deployer=make_deployer(args.deploy_to, args.admin_token))
     try:
         for _ in range(args.rounds):
@@ -77,6 +82,10 @@ def add_parsers(sub: argparse._SubParsersAction, bench: argparse._SubParsersActi
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--rm-steps", type=int, help="reward-model steps per round")
     p.add_argument("--pg-steps", type=int, help="policy-gradient steps per round")
+    p.add_argument("--inference-topic", default="fuseloop.inference")
+    p.add_argument("--feedback-topic", default="fuseloop.feedback")
+    p.add_argument("--dead-letter-topic", default="fuseloop.dead-letter")
+    p.add_argument("--ingest-batch", type=int, help="records per poll (and per durable store transaction)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("models", help="list, deploy and roll back model versions")

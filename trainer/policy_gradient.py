@@ -59,8 +59,9 @@ def sequence_kl(policy: FusedPolicy, reference: FusedPolicy, tensors: ContextTen
 
 def train_policy(policy: FusedPolicy, reference: FusedPolicy, reward: RewardModel, contexts: list[Context],
                  demos: list[tuple[Context, str]], tensors: ContextTensors, cfg: PolicyGradientConfig,
-                 wrap=lambda m: m) -> dict:
-    """Returns per-step curves (reward, kl, loss) and why it stopped."""
+                 wrap=lambda m: m, reduce_mean=lambda v: v) -> dict:
+    """Returns per-step curves (reward, kl, loss) and why it stopped. Under DDP, `reduce_mean`
+    averages a float over the processes, so all of them stop at the same step."""
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     scorer = wrap(SequenceLogprobs(policy))
@@ -101,7 +102,7 @@ def train_policy(policy: FusedPolicy, reference: FusedPolicy, reward: RewardMode
         curves["kl"].append(float(kl.mean()))
         curves["loss"].append(float(loss.detach()))
         bar.set_postfix(reward=f"{curves['reward'][-1]:.3f}", kl=f"{curves['kl'][-1]:.3f}")
-        if np.mean(curves["kl"][-3:]) > cfg.kl_budget:
+        if reduce_mean(float(np.mean(curves["kl"][-3:]))) > cfg.kl_budget:
             stopped = f"KL budget {cfg.kl_budget} reached"
             break
     policy.eval()

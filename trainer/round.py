@@ -7,6 +7,7 @@ import copy
 import csv
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from trainer.ingest import IngestConfig, Ingestor
 from trainer.plots import plot_curves
 from trainer.policy_gradient import PolicyGradientConfig, sequence_kl, train_policy
 from trainer.reward_training import RewardTrainConfig, is_heldout, train_reward
-from trainer.signals import Context, SignalWeights, build_training_set
+from trainer.signals import Context, SignalWeights, TrainingSet, build_training_set
 from trainer.store import DatasetStore
 
 
@@ -41,11 +42,64 @@ class TrainConfig:
     min_new_feedback: int = 20  # fewer new feedback events: no training this round
 
 
+class ProcessGroup:
+    """The processes that run a round together; this one is a single process, where every hook is
+    the identity. Under torchrun, `trainer.distributed.GlooGroup` makes them collectives."""
+
+    rank, world_size = 0, 1
+
+    @property
+    def is_leader(self) -> bool:
+        """The one process that gates, publishes and deploys."""
+        return self.rank == 0
+
+    def wrap(self, module):
+        return module
+
+    def total(self, value: float) -> float:
+        return value
+
+    def mean(self, value: float) -> float:
+        return value
+
+    def highest(self, value: int) -> int:
+        return value
+
+    def gather(self, obj) -> list:
+        """Every process's `obj`, in rank order."""
+        return [obj]
+
+    def align_signals(self, data: TrainingSet, heldout_share: float) -> TrainingSet:
+        """The same reward-model sources on every process (so they take the same steps)."""
+        return data
+
+    def nonempty(self, contexts: list[Context]) -> list[Context]:
+        """Prompts for policy-gradient steps on every process."""
+        return contexts
+
+    def from_leader(self, report: dict) -> dict:
+        """The round's outcome (gate, version, deploy) as the leader decided it."""
+        return report
+
+
+def merge_lineage(parts: list[dict]) -> dict:
+    """Each process's ingest record merged: partitions are disjoint, counts add up."""
+    out = {"offsets_from": {}, "offsets_to": {}, "feedback_counts": Counter(), "inference_events": 0,
+           "store_offsets": {}}
+    for part in parts:
+        for key in ("offsets_from", "offsets_to", "store_offsets"):
+            out[key].update(part[key])
+        out["feedback_counts"].update(part["feedback_counts"])
+        out["inference_events"] += part["inference_events"]
+    return {k: dict(sorted(v.items())) if isinstance(v, dict) else v for k, v in out.items()}
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, bus: EventBus, repo: ModelRepository, topics: TopicConfig = TopicConfig(),
-                 deployer: Deployer | None = None, gold: GoldCheck | None = None) -> None:
+                 deployer: Deployer | None = None, gold: GoldCheck | None = None,
+                 group: ProcessGroup = ProcessGroup()) -> None:
         self.config, self.bus, self.repo, self.topics = config, bus, repo, topics
-        self.deployer, self.gold = deployer, gold
+        self.deployer, self.gold, self.group = deployer, gold, group
         Path(config.workdir).mkdir(parents=True, exist_ok=True)
         self.store = DatasetStore(Path(config.workdir) / "dataset.db")
         self.ingestor = Ingestor(bus, self.store, topics, config.ingest)
@@ -63,13 +117,13 @@ class Trainer:
 
     def run_round(self) -> dict:
         t0 = time.perf_counter()
-        round_ = self.store.last_round() + 1
+        round_ = self.group.highest(self.store.last_round()) + 1
         ingest = self.ingestor.ingest(round_)
         report: dict = {"round": round_, "ingest": ingest.to_dict()}
         data = build_training_set(self.store, self.store.feedback())
         self._settle_unjoined(data.unjoined, round_, report)
         report["signals"] = data.report()
-        new_feedback = ingest.feedback_events
+        new_feedback = int(self.group.total(ingest.feedback_events))
         base = self.base_version()
         report.update(parent_version=base, deployed=False, version=None)
         if new_feedback < self.config.min_new_feedback:
@@ -83,21 +137,31 @@ class Trainer:
 
         timings = report.setdefault("timings", {"ingest": round(ingest.seconds, 1)})
         t = time.perf_counter()
-        rm = train_reward(ckpt.reward, data, tensors, self.config.reward)
+        rm = train_reward(ckpt.reward, self.group.align_signals(data, self.config.reward.heldout_share), tensors,
+                          self.config.reward, wrap=self.group.wrap)
         timings["reward_model"], t = round(time.perf_counter() - t, 1), time.perf_counter()
         report["reward_model"] = {k: v for k, v in rm.items() if k != "loss"}
 
         since = max(1, round_ - self.config.prompt_window_rounds + 1)
-        contexts = [Context(p, img, rid) for rid, p, img in self.store.requests(since, self.config.max_prompts)]
+        contexts = self.group.nonempty(
+            [Context(p, img, rid) for rid, p, img in self.store.requests(since, self.config.max_prompts)])
         train_ctx = [c for c in contexts if not is_heldout(c.request_id, self.config.heldout_share)]
         held_ctx = [c for c in contexts if is_heldout(c.request_id, self.config.heldout_share)] or contexts[:32]
         pg = train_policy(ckpt.policy, reference, ckpt.reward, train_ctx or contexts, data.demos, tensors,
-                          self.config.policy)
-        kl = sequence_kl(ckpt.policy, reference, tensors, held_ctx)
+                          self.config.policy, wrap=self.group.wrap, reduce_mean=self.group.mean)
+        kl = self.group.mean(sequence_kl(ckpt.policy, reference, tensors, held_ctx))
         timings["policy"], t = round(time.perf_counter() - t, 1), time.perf_counter()
         report["policy"] = {"steps": pg["steps"], "stopped": pg["stopped"], "kl": kl,
                             "reward_first": pg["curves"]["reward"][0], "reward_last": pg["curves"]["reward"][-1]}
-        gate = run_gate(ckpt.policy, serving_policy, ckpt.reward, tensors, held_ctx, kl, self.config.gate, self.gold)
+        ing = ingest.to_dict()
+        lineage_parts = self.group.gather({
+            "offsets_from": ing["offsets_from"], "offsets_to": ing["offsets_to"], "feedback_counts": dict(data.counts),
+            "inference_events": ingest.inference_events,
+            "store_offsets": {f"{t}/{p}": o for (t, p), o in sorted(self.store.offsets().items())}})
+        held_all = [c for part in self.group.gather(held_ctx) for c in part]
+        if not self.group.is_leader:  # the leader gates and publishes; _finish waits for its outcome
+            return self._finish(round_, report, t0)
+        gate = run_gate(ckpt.policy, serving_policy, ckpt.reward, tensors, held_all, kl, self.config.gate, self.gold)
         report["gate"] = gate.to_dict()
         timings["gate"], t = round(time.perf_counter() - t, 1), time.perf_counter()
         workdir = Path(self.config.workdir)
@@ -112,10 +176,8 @@ class Trainer:
             report["not_deployed_because"] = gate.reasons
             return self._finish(round_, report, t0)
 
-        lineage = {"round": round_, "parent_version": base, "offsets_from": ingest.to_dict()["offsets_from"],
-                   "offsets_to": ingest.to_dict()["offsets_to"], "feedback_counts": dict(data.counts),
-                   "new_feedback_events": new_feedback, "inference_events": ingest.inference_events,
-                   "store_offsets": {f"{t}/{p}": o for (t, p), o in sorted(self.store.offsets().items())}}
+        lineage = {"round": round_, "parent_version": base, "new_feedback_events": new_feedback,
+                   **merge_lineage(lineage_parts)}
         manifest = publish(candidate, self.repo, parent_version=base, metrics=candidate.metrics, lineage=lineage)
         report["version"] = manifest.version
         timings["export"], t = round(time.perf_counter() - t, 1), time.perf_counter()
@@ -141,6 +203,7 @@ class Trainer:
         report["unjoined_waiting"] = len(unjoined) - len(expired)
 
     def _finish(self, round_: int, report: dict, t0: float) -> dict:
+        report = self.group.from_leader(report)
         report["seconds"] = round(time.perf_counter() - t0, 1)
         if self.gold is not None and "gold_accuracy" not in report:
             served = self.base_version() if not report["deployed"] else report["version"]

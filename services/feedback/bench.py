@@ -9,6 +9,7 @@ so the client's own protobuf work is not measured.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import subprocess
@@ -316,25 +317,28 @@ def measure(config: FeedbackBenchConfig, kafka: LocalKafka, workdir: Path, progr
     settings = dict(client_id="bench-feedback", spool_dir=str(workdir / "spool"))
     topics = TopicConfig(feedback=f"bench-feedback-{run}")
     raw_topic = f"bench-raw-{run}"
-    with ServiceProcess(kafka.url, settings, topics, config.batch) as address:
+    batch_path = f"gRPC SubmitBatch({config.batch}) x{config.batch_concurrency}"
+    unary_path = f"gRPC Submit x{config.unary_concurrency}"
+    with contextlib.ExitStack() as services:
+        kafka_service = services.enter_context(ServiceProcess(kafka.url, settings, topics, config.batch))
+        sqlite_service = services.enter_context(ServiceProcess(f"sqlite://{workdir / 'bus.db'}", {}, topics, config.batch))
+        no_bus_service = services.enter_context(ServiceProcess("discard:", {}, topics, config.batch))
         for _ in range(config.rounds):
             raw = keep(raw_pipelined(bus_config, raw_topic, payloads, config.seconds))
             # Enough requests for 1.5x the raw rate; a row ends early if they run out.
             requests = batch_requests(factory, int(raw.events_per_s * config.seconds * 1.5), config.batch)
-            keep(service_row(address, f"gRPC SubmitBatch({config.batch}) x{config.batch_concurrency} -> Kafka", "SubmitBatch",
+            keep(service_row(kafka_service, f"{batch_path} -> Kafka", "SubmitBatch",
                              requests, config.batch_concurrency, config.seconds, raw.path))
             raw = keep(raw_in_flight(bus_config, raw_topic, payloads, config.seconds, config.unary_concurrency))
             requests = unary_requests(factory, int(raw.events_per_s * config.seconds * 1.5))
-            keep(service_row(address, f"gRPC Submit x{config.unary_concurrency} -> Kafka", "Submit",
+            keep(service_row(kafka_service, f"{unary_path} -> Kafka", "Submit",
                              requests, config.unary_concurrency, config.seconds, raw.path))
-    with ServiceProcess(f"sqlite://{workdir / 'bus.db'}", {}, topics, config.batch) as address:
-        requests = batch_requests(factory, int(config.seconds * 60_000), config.batch)
-        keep(service_row(address, f"gRPC SubmitBatch({config.batch}) x{config.batch_concurrency} -> embedded SQLite bus",
-                         "SubmitBatch", requests, config.batch_concurrency, config.seconds, None))
-    with ServiceProcess("discard:", {}, topics, config.batch) as address:
-        requests = unary_requests(factory, int(config.seconds * 10_000))
-        keep(service_row(address, f"gRPC Submit x{config.unary_concurrency} -> no bus (the service's own ceiling)",
-                         "Submit", requests, config.unary_concurrency, config.seconds, None))
+            requests = batch_requests(factory, int(config.seconds * 60_000), config.batch)
+            keep(service_row(sqlite_service, f"{batch_path} -> embedded SQLite bus", "SubmitBatch",
+                             requests, config.batch_concurrency, config.seconds, None))
+            requests = unary_requests(factory, int(config.seconds * 10_000))
+            keep(service_row(no_bus_service, f"{unary_path} -> no bus (the service's own ceiling)", "Submit",
+                             requests, config.unary_concurrency, config.seconds, None))
     return [row.summary(best) for row in best.values()]
 
 

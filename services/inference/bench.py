@@ -9,7 +9,8 @@ sends its next request as soon as the previous answer arrives):
 - unbatched: the real server with max batch 1 (generation and scoring).
 
 Generate samples at temperature 1 with a seed per request, so every contender produces the same
-tokens (the same work). Numbers are requests/s and latency percentiles in ms.
+tokens (the same work). Numbers are requests/s and latency percentiles in ms. Each cell is measured
+in rounds, the contenders taking turns, so other load on a shared machine hits them alike.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from fuseloop.repository import ModelRepository
 
@@ -34,8 +36,9 @@ PROMPT_COUNT = 64
 class BenchConfig:
     repo: Path | None = None
     concurrency: tuple[int, ...] = (1, 8, 32)
-    seconds: float = 3.0  # measured per cell, after a warm-up
-    warmup_s: float = 0.5
+    seconds: float = 3.0  # measured per cell and contender, in `rounds` slices
+    rounds: int = 3
+    warmup_s: float = 0.2  # per slice
     max_new_tokens: int = 0  # 0: the model's limit
     temperature: float = 1.0
     threads: int = 1  # ORT intra-op threads for every contender (the machine has few cores)
@@ -126,25 +129,22 @@ class RawRunner:
         self.loaded.score(pixels, ids, mask, rids, rmask)
 
 
-def run_raw(runner: RawRunner, w: Workload, rpc: str, concurrency: int, cfg: BenchConfig, max_new: int) -> Cell:
+def run_raw(runner: RawRunner, w: Workload, rpc: str, concurrency: int, seconds: float, warmup_s: float,
+            temperature: float, max_new: int) -> tuple[list[float], int, float]:
+    """(latencies, tokens, measured seconds) of one slice: batches of `concurrency`, back to back."""
     latencies, tokens, k = [], 0, 0
-    start = time.perf_counter()
-    warm_until = start + cfg.warmup_s
-    end = warm_until + cfg.seconds
+    warm_until = time.perf_counter() + warmup_s
+    end = warm_until + seconds
     measured_from = None
-    while True:
-        t0 = time.perf_counter()
-        if t0 >= end:
-            break
+    while (t0 := time.perf_counter()) < end:
         idx = [(k + j) % len(w.prompts) for j in range(concurrency)]
         k += concurrency
-        n = runner.generate(w, idx, max_new, cfg.temperature) if rpc == "Generate" else runner.score(w, idx)
-        t1 = time.perf_counter()
+        n = runner.generate(w, idx, max_new, temperature) if rpc == "Generate" else runner.score(w, idx)
         if t0 >= warm_until:
             measured_from = measured_from or t0
-            latencies += [t1 - t0] * concurrency
+            latencies += [time.perf_counter() - t0] * concurrency
             tokens += n or 0
-    return summarize("raw", rpc, concurrency, latencies, time.perf_counter() - (measured_from or start), tokens)
+    return latencies, tokens, time.perf_counter() - (measured_from or end)
 
 
 # -- the service over gRPC -----------------------------------------------------------------------
@@ -180,8 +180,8 @@ class ServerProcess:
         self.process.join(10)
 
 
-async def _load(address: str, w: Workload, rpc: str, concurrency: int, cfg: BenchConfig, max_new: int
-                ) -> tuple[list[float], int, int, float]:
+async def _load(address: str, w: Workload, rpc: str, concurrency: int, seconds: float, warmup_s: float,
+                temperature: float, max_new: int) -> tuple[list[float], int, float, int]:
     import grpc
 
     from fuseloop.v1 import events_pb2, inference_pb2, inference_pb2_grpc
@@ -190,9 +190,8 @@ async def _load(address: str, w: Workload, rpc: str, concurrency: int, cfg: Benc
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         latencies: list[float] = []
         counters = {"tokens": 0, "failures": 0, "next": 0}
-        start = time.perf_counter()
-        warm_until = start + cfg.warmup_s
-        end = warm_until + cfg.seconds
+        warm_until = time.perf_counter() + warmup_s
+        end = warm_until + seconds
 
         async def client() -> None:
             while (t0 := time.perf_counter()) < end:
@@ -202,8 +201,7 @@ async def _load(address: str, w: Workload, rpc: str, concurrency: int, cfg: Benc
                     if rpc == "Generate":
                         r = await stub.Generate(inference_pb2.GenerateRequest(
                             image=w.images[i], prompt=w.prompts[i],
-                            sampling=events_pb2.SamplingParams(max_new_tokens=max_new, temperature=cfg.temperature,
-                                                               seed=i)))
+                            sampling=events_pb2.SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=i)))
                         n = sum(c.num_tokens for c in r.candidates)
                     else:
                         await stub.Score(inference_pb2.ScoreRequest(image=w.images[i], prompt=w.prompts[i],
@@ -217,13 +215,7 @@ async def _load(address: str, w: Workload, rpc: str, concurrency: int, cfg: Benc
                     counters["tokens"] += n
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
-        return latencies, counters["tokens"], counters["failures"], time.perf_counter() - warm_until
-
-
-def run_service(address: str, contender: str, w: Workload, rpc: str, concurrency: int, cfg: BenchConfig,
-                max_new: int) -> Cell:
-    latencies, tokens, failures, seconds = asyncio.run(_load(address, w, rpc, concurrency, cfg, max_new))
-    return summarize(contender, rpc, concurrency, latencies, seconds, tokens, failures)
+        return latencies, counters["tokens"], time.perf_counter() - warm_until, counters["failures"]
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -239,22 +231,36 @@ def quick_repository(root: Path) -> Path:
 
 
 def bench(cfg: BenchConfig) -> dict:
+    """Every cell is measured in `rounds` slices, the contenders taking turns (in rotating order),
+    so that load from other processes on a shared machine hits all of them alike."""
     with tempfile.TemporaryDirectory(prefix="fuseloop-bench-") as tmp:
         repo_dir = cfg.repo or quick_repository(Path(tmp))
-        repo = ModelRepository(repo_dir)
         w = Workload.scenes()
-        runner = RawRunner(repo, cfg.threads)
+        runner = RawRunner(ModelRepository(repo_dir), cfg.threads)
         model_max = int(runner.loaded.manifest.model_config["max_response_tokens"])
         max_new = min(cfg.max_new_tokens or model_max, model_max)
+        slice_s = cfg.seconds / cfg.rounds
         cells: list[Cell] = []
-        for rpc in ("Generate", "Score"):
-            for c in cfg.concurrency:
-                cells.append(run_raw(runner, w, rpc, c, cfg, max_new))
-        for contender, max_batch in (("service", cfg.max_batch), ("unbatched", 1)):
-            with ServerProcess(repo_dir, max_batch, cfg.threads) as address:
-                for rpc in ("Generate", "Score"):
-                    for c in cfg.concurrency:
-                        cells.append(run_service(address, contender, w, rpc, c, cfg, max_new))
+        with ServerProcess(repo_dir, cfg.max_batch, cfg.threads) as service, \
+                ServerProcess(repo_dir, 1, cfg.threads) as unbatched:
+            contenders = {
+                "service": lambda rpc, c: asyncio.run(_load(service, w, rpc, c, slice_s, cfg.warmup_s,
+                                                            cfg.temperature, max_new)),
+                "raw": lambda rpc, c: (*run_raw(runner, w, rpc, c, slice_s, cfg.warmup_s, cfg.temperature, max_new), 0),
+                "unbatched": lambda rpc, c: asyncio.run(_load(unbatched, w, rpc, c, slice_s, cfg.warmup_s,
+                                                              cfg.temperature, max_new)),
+            }
+            names = list(contenders)
+            for rpc in ("Generate", "Score"):
+                for c in cfg.concurrency:
+                    totals = {name: ([], 0, 0.0, 0) for name in names}
+                    for r in tqdm(range(cfg.rounds), desc=f"{rpc} c={c}", leave=False, file=sys.stderr):
+                        for name in names[r % 3:] + names[: r % 3]:
+                            lat, tok, sec, fail = contenders[name](rpc, c)
+                            acc = totals[name]
+                            totals[name] = (acc[0] + lat, acc[1] + tok, acc[2] + sec, acc[3] + fail)
+                    for name, (lat, tok, sec, fail) in totals.items():
+                        cells.append(summarize(name, rpc, c, lat, sec, tok, fail))
     return {"config": {**asdict(cfg), "repo": str(cfg.repo) if cfg.repo else None, "max_new_tokens": max_new},
             "cells": [asdict(c) for c in cells], "goals": goals(cells)}
 

@@ -35,7 +35,8 @@ def add_bench_parser(bench_subparsers) -> None:
     p.add_argument("--repo", default=None, help="model repository (default: pretrain a quick model first)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
-    p.add_argument("--seconds", type=float, default=3.0, help="measuring time per cell")
+    p.add_argument("--seconds", type=float, default=3.0, help="measuring time per cell and contender")
+    p.add_argument("--rounds", type=int, default=3, help="slices per cell; contenders take turns between them")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: the model's limit")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, for every contender")
     p.set_defaults(func=bench_inference)
@@ -90,5 +91,5 @@ def bench_inference(args: argparse.Namespace) -> int:
 
     levels = tuple(int(c) for c in args.concurrency.split(",") if c.strip())
     return run_bench(BenchConfig(repo=Path(args.repo) if args.repo else None, concurrency=levels,
-                                 seconds=args.seconds, max_new_tokens=args.max_new_tokens,
+                                 seconds=args.seconds, rounds=args.rounds, max_new_tokens=args.max_new_tokens,
                                  threads=args.threads), as_json=args.json)

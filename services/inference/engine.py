@@ -218,7 +218,11 @@ class GenerationEngine:
     def _run(self) -> None:
         while True:
             active = self.active_sequences
-            arrivals, dropped = self.queue.take(self.config.max_batch - active, block=active == 0, admit_oversized=active == 0)
+            if active and not self._worth_admitting(active):
+                arrivals, dropped = [], []
+            else:
+                arrivals, dropped = self.queue.take(self.config.max_batch - active, block=active == 0,
+                                                    admit_oversized=active == 0)
             for job in dropped:
                 job._finish(self._why_dropped(job))
             if self.queue.closed and not arrivals and not self.groups:
@@ -235,6 +239,15 @@ class GenerationEngine:
         for group in self.groups.values():
             for job in set(group.jobs):
                 job._finish(QueueClosed("the server is shutting down"))
+
+    def _worth_admitting(self, active: int) -> bool:
+        """While decoding, arrivals join once there are enough of them to encode together (a quarter
+        of the running batch) or the oldest has waited the max queue delay: one encode call per
+        few steps instead of one per step."""
+        waiting = self.queue.waiting()
+        if not waiting:
+            return False
+        return waiting >= max(1, active // 4) or self.queue.oldest_wait() >= self.config.max_queue_delay_s
 
     def _why_dropped(self, job: GenerationJob) -> BaseException:
         if job.cancelled:

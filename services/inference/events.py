@@ -13,18 +13,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from fuseloop.bus import EventBus
+from fuseloop.events import EVENT_SCHEMA_VERSION, new_id
 from fuseloop.v1 import events_pb2
 from services.inference.metrics import InferenceMetrics
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -41,7 +40,7 @@ def build_event(*, request_id: str, model_version: int, prompt: str, image: byte
                 responses: list[ResponseRecord], sampling: events_pb2.SamplingParams, timestamp_ms: int,
                 session_id: str) -> events_pb2.InferenceEvent:
     event = events_pb2.InferenceEvent(
-        schema_version=SCHEMA_VERSION, event_id=uuid.uuid4().hex, request_id=request_id,
+        schema_version=EVENT_SCHEMA_VERSION, event_id=new_id(), request_id=request_id,
         model_version=str(model_version), prompt=prompt,
         image=image if len(image) <= image_max_bytes else b"",
         image_sha256=hashlib.sha256(image).hexdigest(), sampling=sampling, timestamp_ms=timestamp_ms,

@@ -88,6 +88,17 @@ class RequestQueue(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def waiting(self) -> int:
+        """Requests waiting (read without the lock: a hint for batching decisions)."""
+        return len(self._items)
+
+    def oldest_wait(self) -> float:
+        """Seconds the oldest waiting request has waited (0 when none)."""
+        try:
+            return self.clock() - self._items[0].enqueued_at
+        except IndexError:
+            return 0.0
+
     def arriving(self) -> Arrival:
         with self._cond:
             self._incoming += 1

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from fuseloop.bus import EventBus
+from fuseloop.events import now_ms
 from fuseloop.repository import ModelRepository
 from fuseloop.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from services.inference.admin import AdminAuth, AdminService
@@ -31,6 +32,7 @@ from services.inference.deployment import Deployment
 from services.inference.engine import EngineConfig, GenerationEngine
 from services.inference.events import EventPublisher
 from services.inference.kserve import KServeModels, KServeService
+from services.inference.loop_bridge import LoopBridge
 from services.inference.metrics import InferenceMetrics
 from services.inference.rpc_handlers import add_service
 from services.inference.runtime.base import ModelRuntime
@@ -48,7 +50,7 @@ SERVING_NAMES = ("", INFERENCE_SERVICE, KSERVE_SERVICE)
 class InferenceServer:
     def __init__(self, config: InferenceServiceConfig, runtime: ModelRuntime, repo: ModelRepository,
                  bus: EventBus | None = None, clock: Callable[[], float] = time.monotonic,
-                 wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+                 wall_ms: Callable[[], int] = now_ms,
                  state_path: Path | None = None, shuffle: random.Random | None = None) -> None:
         self.config = config
         self.runtime = runtime
@@ -63,6 +65,7 @@ class InferenceServer:
         self.metrics = InferenceMetrics()
         self._server: grpc.aio.Server | None = None
         self._initial_load: asyncio.Task | None = None
+        self._started: list = []  # parts to release on stop, in start order
 
     @property
     def address(self) -> str:
@@ -70,23 +73,37 @@ class InferenceServer:
 
     async def start(self, wait_ready: bool = True) -> "InferenceServer":
         """Listens at once (NOT_SERVING), then loads the initial version; `wait_ready` waits for that."""
+        try:
+            return await self._start(wait_ready)
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    async def _start(self, wait_ready: bool) -> "InferenceServer":
         c = self.config
         self.executor = ThreadPoolExecutor(c.worker_threads, thread_name_prefix="inference-worker")
+        self._started.append(lambda: self.executor.shutdown(wait=True))
         self.deployment = Deployment(self.repo, self.runtime, self.executor, self.state_path)
+        self._started.append(self.deployment.close)
+        self.kserve_models = KServeModels(self.deployment, self.executor)
+        self._started.append(self.kserve_models.close)
         self.engine = GenerationEngine(EngineConfig(c.max_batch, c.max_queue_delay_ms / 1000, c.max_queue),
                                        self.metrics, self.clock).start()
+        self._started.append(self.engine.stop)
         self.scorer = ScoreBatcher(c.score_max_batch, c.score_max_queue_delay_ms / 1000, c.score_max_queue,
                                    self.metrics, self.clock).start()
+        self._started.append(self.scorer.stop)
         self.events = EventPublisher(self.bus, c.topics.inference, self.metrics, c.max_pending_events).start()
+        self._started.append(self.events.close)
         if self.bus is None:
             log.warning("no event bus: inference events are not logged")
         auth = AdminAuth(c.admin_token)
-        self.kserve_models = KServeModels(self.deployment, self.executor)
 
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", c.max_message_bytes),
                                           ("grpc.max_send_message_length", c.max_message_bytes)])
         add_service(server, InferenceService(c, self.deployment, self.engine, self.scorer, self.events, self.metrics,
-                                             self.executor, self.clock, self.wall_ms, self.shuffle),
+                                             self.executor, LoopBridge(asyncio.get_running_loop()), self.clock,
+                                             self.wall_ms, self.shuffle),
                     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"], inference_pb2_grpc.InferenceServiceServicer)
         add_service(server, AdminService(self.deployment, auth, self.runtime.name),
                     admin_pb2.DESCRIPTOR.services_by_name["AdminService"], admin_pb2_grpc.AdminServiceServicer)
@@ -106,6 +123,7 @@ class InferenceServer:
         self._server = server
         if c.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(c.host, c.metrics_port)
+            self._started.append(self.metrics.stop_http)
         self._initial_load = asyncio.create_task(self.deployment.start())
         if wait_ready:
             await self._initial_load
@@ -115,24 +133,23 @@ class InferenceServer:
         await self._server.wait_for_termination()
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stops taking requests, lets in-flight ones finish (up to the grace period), then releases."""
-        if self._server is None:
-            return
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Stops taking requests, lets in-flight ones finish (up to the grace period), then releases
+        the workers (engine and scorer finish what they hold; queued events are written)."""
         if self._initial_load is not None and not self._initial_load.done():
             self._initial_load.cancel()
-        await self._server.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
-        self._server = None
+        if self._server is not None:
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self._server.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
+            self._server = None
         await asyncio.to_thread(self._release)
 
     def _release(self) -> None:
-        self.engine.stop()
-        self.scorer.stop()
-        self.events.close()
-        self.kserve_models.close()
-        self.deployment.close()
-        self.metrics.stop_http()
-        self.executor.shutdown(wait=True)
+        while self._started:
+            release = self._started.pop()
+            try:
+                release()
+            except Exception:  # keep releasing the rest
+                log.exception("stopping a part of the inference server failed")
 
     async def _swapped(self, version: int) -> None:
         self.metrics.serving_version.set(version)

@@ -12,13 +12,13 @@ import dataclasses
 import logging
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 
 import grpc
 import numpy as np
 
+from fuseloop.events import new_id, now_ms
 from fuseloop.preprocessing import InvalidInput, decode_image, image_array
 from fuseloop.sampling import sequence_rng
 from fuseloop.v1 import inference_pb2, inference_pb2_grpc
@@ -26,10 +26,12 @@ from services.inference.config import InferenceServiceConfig
 from services.inference.deployment import Deployment, NoServingVersion
 from services.inference.engine import GeneratedSequence, GenerationEngine, GenerationJob, SequenceSpec
 from services.inference.events import EventPublisher, ResponseRecord, build_event
+from services.inference.loop_bridge import LoopBridge
 from services.inference.metrics import InferenceMetrics
 from services.inference.queueing import Cancelled, DeadlineExceeded, ModelFailure, QueueClosed, QueueFull
 from services.inference.runtime.base import LoadedVersion
 from services.inference.scoring import ScoreBatcher, ScoreJob
+from services.inference.tokenization_cache import TokenizationCache
 from services.inference.validation import GenerateParams, check_text, generate_params
 
 log = logging.getLogger(__name__)
@@ -83,9 +85,8 @@ async def abort_for(context: grpc.aio.ServicerContext, call: _ObservedCall, erro
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, config: InferenceServiceConfig, deployment: Deployment, engine: GenerationEngine,
                  scorer: ScoreBatcher, events: EventPublisher, metrics: InferenceMetrics, executor: Executor,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
-                 shuffle: random.Random | None = None) -> None:
+                 bridge: LoopBridge, clock: Callable[[], float] = time.monotonic,
+                 wall_ms: Callable[[], int] = now_ms, shuffle: random.Random | None = None) -> None:
         self.config = config
         self.deployment = deployment
         self.engine = engine
@@ -93,6 +94,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         self.events = events
         self.metrics = metrics
         self.executor = executor
+        self.bridge = bridge
+        self.tokens = TokenizationCache()
         self.clock = clock
         self.wall_ms = wall_ms
         self.shuffle = shuffle or random.Random()
@@ -108,7 +111,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                     params = generate_params(request, self.config, self._max_tokens(loaded))
                     pixels, prompt_ids = await self._inputs(loaded, request.image, request.prompt)
                     sequences = await self._generate(arrival, loaded, pixels, prompt_ids, params, context)
-                    texts = [loaded.preprocessor.decode(s.token_ids) for s in sequences]
+                    texts = [self.tokens(loaded).decode(s.token_ids) for s in sequences]
                     rewards = None
                     if params.rerank:
                         rewards = await self._score(loaded, pixels, prompt_ids, texts, context)
@@ -118,8 +121,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             except KNOWN_ERRORS as e:
                 await abort_for(context, call, e)
             shown = self._display_order(chosen)
-            request_id = uuid.uuid4().hex
-            records = [ResponseRecord(uuid.uuid4().hex, texts[i], s.token_ids, s.logprobs,
+            request_id = new_id()
+            records = [ResponseRecord(new_id(), texts[i], s.token_ids, s.logprobs,
                                       None if rewards is None else float(rewards[i]),
                                       shown.index(i) if i in shown else -1)
                        for i, s in enumerate(sequences)]
@@ -143,24 +146,31 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                     if params.rerank:
                         raise InvalidInput("best_of reranks finished candidates, so it cannot stream; use Generate")
                     pixels, prompt_ids = await self._inputs(loaded, request.image, request.prompt)
-                    request_id = uuid.uuid4().hex
+                    request_id = new_id()
                     n = params.num_sequences
                     shown = self._display_order(list(range(n)))
                     position = {c: p for p, c in enumerate(shown)}
-                    response_ids = [uuid.uuid4().hex for _ in range(n)]
+                    response_ids = [new_id() for _ in range(n)]
                     tokens: list[list[int]] = [[] for _ in range(n)]
                     texts = [""] * n
                     pre = loaded.preprocessor
-                    async for items, job in self._stream(arrival, loaded, pixels, prompt_ids, params, context):
-                        for i, token in items:
-                            tokens[i].append(token)
-                            text = pre.decode(tokens[i])
-                            delta = text[len(texts[i]):] if text.startswith(texts[i]) else text
-                            texts[i] = text
-                            done = token == pre.eos_id or len(tokens[i]) >= params.max_new_tokens
-                            yield inference_pb2.GenerateChunk(
-                                candidate_index=position[i], response_id=response_ids[i], text_delta=delta, done=done,
-                                model_version=str(loaded.version), request_id=request_id)
+                    tokenization = self.tokens(loaded)
+                    job, steps = self._submit_stream(arrival, loaded, pixels, prompt_ids, params, context)
+                    try:
+                        while (items := await steps.get()) is not None:
+                            if isinstance(items, BaseException):
+                                raise items
+                            for i, token in items:
+                                tokens[i].append(token)
+                                text = tokenization.decode(tokens[i])
+                                delta = text[len(texts[i]):] if text.startswith(texts[i]) else text
+                                texts[i] = text
+                                done = token == pre.eos_id or len(tokens[i]) >= params.max_new_tokens
+                                yield inference_pb2.GenerateChunk(
+                                    candidate_index=position[i], response_id=response_ids[i], text_delta=delta,
+                                    done=done, model_version=str(loaded.version), request_id=request_id)
+                    finally:
+                        job.cancel()  # no-op once finished; stops decoding when the client goes away mid-stream
             except KNOWN_ERRORS as e:
                 await abort_for(context, call, e)
             records = [ResponseRecord(response_ids[i], texts[i], s.token_ids, s.logprobs, None, position[i])
@@ -188,7 +198,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         """Checked, preprocessed (pixels (3, H, W), prompt ids). Large images decode off the event loop."""
         check_text("prompt", prompt, self.config.max_prompt_chars)
         pre = loaded.preprocessor
-        prompt_ids = pre.prompt_ids(prompt)
+        prompt_ids = self.tokens(loaded).prompt_ids(prompt)
         # The service's limits may be tighter than the ones the version was trained with.
         limits = dataclasses.replace(pre.config, max_image_bytes=min(pre.config.max_image_bytes, self.config.max_image_bytes),
                                      max_image_pixels=min(pre.config.max_image_pixels, self.config.max_image_pixels))
@@ -214,7 +224,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
         job = GenerationJob(loaded, pixels, prompt_ids, self._specs(params),
-                            on_done=lambda j, err: loop.call_soon_threadsafe(_settle, done, err),
+                            on_done=lambda j, err: self.bridge.post(_settle, done, err),
                             deadline=self._deadline(context))
         arrival.put(job)
         try:
@@ -224,34 +234,26 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             raise
         return job.sequences
 
-    async def _stream(self, arrival, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int],
-                      params: GenerateParams, context: grpc.aio.ServicerContext):
-        """Yields ([(candidate index, token id)], job) per decode step until the job is done."""
-        loop = asyncio.get_running_loop()
+    def _submit_stream(self, arrival, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int],
+                       params: GenerateParams, context: grpc.aio.ServicerContext) -> tuple[GenerationJob, asyncio.Queue]:
+        """Submits a job whose queue receives [(candidate index, token id)] per decode step, then
+        None when done (or the exception that ended it)."""
         steps: asyncio.Queue = asyncio.Queue()
         job = GenerationJob(loaded, pixels, prompt_ids, self._specs(params),
-                            on_done=lambda j, err: loop.call_soon_threadsafe(steps.put_nowait, ("done", err)),
-                            on_tokens=lambda j, items: loop.call_soon_threadsafe(steps.put_nowait, ("tokens", items)),
+                            on_done=lambda j, err: self.bridge.post(steps.put_nowait, err),
+                            on_tokens=lambda j, items: self.bridge.post(steps.put_nowait, items),
                             deadline=self._deadline(context))
         arrival.put(job)
-        try:
-            while True:
-                kind, value = await steps.get()
-                if kind == "done":
-                    if value is not None:
-                        raise value
-                    return
-                yield value, job
-        finally:
-            job.cancel()  # no-op once finished; stops decoding if the client went away mid-stream
+        return job, steps
 
     async def _score(self, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int], responses: list[str],
                      context: grpc.aio.ServicerContext, arrival=None) -> np.ndarray:
         pre = loaded.preprocessor
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
-        job = ScoreJob(loaded, pixels, prompt_ids, [[pre.bos_id] + pre.response_ids(r) for r in responses],
-                       on_done=lambda j, rewards, err: loop.call_soon_threadsafe(_settle, done, err, rewards),
+        tokenization = self.tokens(loaded)
+        job = ScoreJob(loaded, pixels, prompt_ids, [[pre.bos_id] + tokenization.response_ids(r) for r in responses],
+                       on_done=lambda j, rewards, err: self.bridge.post(_settle, done, err, rewards),
                        deadline=self._deadline(context))
         (arrival.put if arrival is not None else self.scorer.submit)(job)
         try:

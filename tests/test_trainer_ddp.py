@@ -1,0 +1,154 @@
+"""The trainer under torchrun: two CPU processes on gloo share the consumer group's partitions, join
+each session locally, train DistributedDataParallel models in lockstep, and rank 0 publishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fuseloop.bus import TopicConfig
+from fuseloop.bus.sqlite import SqliteBus, SqliteBusConfig, partition_for
+from fuseloop.checkpoint import Checkpoint
+from fuseloop.demo.simulated_users import Shown, SimulatedUser, UserModel
+from fuseloop.events import new_id, now_ms
+from fuseloop.model import generate
+from fuseloop.repository import ModelRepository
+from fuseloop.scenes import GoldOracle, make_examples, png_bytes, render
+from fuseloop.v1 import events_pb2
+from services.inference.events import ResponseRecord, build_event
+from trainer.distributed import check_copartitioned, state_sha256
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def simulated_traffic(ckpt: Checkpoint, requests: int, users: int, seed: int = 0):
+    """(inference events, feedback events) as the services would publish them: the quick policy
+    answers (1 or 2 sampled candidates), simulated users react; both keyed by session id."""
+    rng = random.Random(seed)
+    crowd = [SimulatedUser(f"user-{i}", UserModel(), GoldOracle(), random.Random(seed + i)) for i in range(users)]
+    examples = make_examples(requests, seed=seed + 11)
+    who = [crowd[rng.randrange(users)] for _ in examples]
+    n = [2 if u.wants_pair() else 1 for u in who]
+    images = [png_bytes(render(e.scene)) for e in examples]
+    pre, policy = ckpt.preprocessor, ckpt.policy
+    rows = [i for i, k in enumerate(n) for _ in range(k)]
+    px = torch.from_numpy(pre.images([images[i] for i in rows]))
+    ids, mask = pre.prompts([examples[i].prompt for i in rows])
+    tokens, logps = generate(policy, px, torch.from_numpy(ids), torch.from_numpy(mask), 32, 1.0, 1.0,
+                             torch.Generator().manual_seed(seed))
+    sampled = iter(zip(tokens.tolist(), logps.tolist()))
+    inference, feedback = [], []
+    for i, (ex, user) in enumerate(zip(examples, who)):
+        records, shown = [], []
+        for pos in range(n[i]):
+            toks, lps = next(sampled)
+            length = toks.index(pre.eos_id) + 1 if pre.eos_id in toks else len(toks)
+            rec = ResponseRecord(new_id(), pre.decode(toks), toks[:length], lps[:length], None, pos)
+            records.append(rec)
+            shown.append(Shown(rec.response_id, rec.text, pos))
+        ev = build_event(request_id=new_id(), model_version=2, prompt=ex.prompt, image=images[i],
+                         image_max_bytes=1 << 20, responses=records,
+                         sampling=events_pb2.SamplingParams(max_new_tokens=32, temperature=1.0, top_p=1.0),
+                         timestamp_ms=now_ms(), session_id=user.session_id)
+        inference.append(ev)
+        for fb in user.react(ex, shown):
+            fb.app_id, fb.schema_version = "test-app", 1
+            feedback.append(fb)
+    return inference, feedback
+
+
+def rows(db: Path, sql: str) -> list:
+    con = sqlite3.connect(str(db))
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_a_sessions_events_land_on_the_same_partition_number_and_member_when_partitions_divide(tmp_path):
+    topics = TopicConfig()
+    sessions = [new_id().encode() for _ in range(40)]
+    for partitions, lined_up in ((4, True), (3, False)):
+        bus = SqliteBus(SqliteBusConfig(str(tmp_path / f"bus-{partitions}.db"), partitions=partitions))
+        for topic in (topics.inference, topics.feedback):
+            bus.publish_many(topic, [(s, b"x") for s in sessions])
+        placed = rows(Path(bus.config.path), "SELECT topic, key, part FROM log")
+        by_key = {}
+        for topic, key, part in placed:
+            by_key.setdefault(bytes(key), set()).add(part)
+        assert all(len(parts) == 1 for parts in by_key.values())  # crc32(key) % partitions, whatever the topic
+        members = [bus.consumer("g", [topics.inference, topics.feedback]) for _ in range(2)]
+        try:
+            for m in members:
+                by_topic = {t: {p for tt, p in m.position() if tt == t} for t in (topics.inference, topics.feedback)}
+                assert (by_topic[topics.inference] == by_topic[topics.feedback]) == lined_up
+        finally:
+            for m in members:
+                m.close()
+        if not lined_up:
+            with pytest.raises(SystemExit, match="multiple of 2"):
+                check_copartitioned(bus, 2)
+        bus.close()
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_partitions_stay_in_lockstep_and_rank0_publishes(quick_checkpoint, repo_copy, tmp_path):
+    inference, feedback = simulated_traffic(quick_checkpoint, requests=160, users=12)
+    topics = TopicConfig()
+    bus_path = tmp_path / "bus.db"
+    bus = SqliteBus(SqliteBusConfig(str(bus_path), partitions=4))
+    bus.publish_many(topics.inference, [(e.session_id.encode(), e.SerializeToString()) for e in inference])
+    bus.publish_many(topics.feedback, [(e.session_id.encode(), e.SerializeToString()) for e in feedback])
+    bus.close()
+
+    workdir = tmp_path / "trainer"
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "trainer.distributed", "--repo", str(repo_copy), "--bus", f"sqlite://{bus_path}",
+           "--workdir", str(workdir), "--rm-steps", "8", "--pg-steps", "3", "--min-reward-gain", "-1e9"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TQDM_DISABLE": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+    ranks = [workdir / f"rank-{r}" for r in (0, 1)]
+    dbs = [r / "dataset.db" for r in ranks]
+    # Each rank read its own partitions, and together every event exactly once.
+    parts = [{(t, p) for t, p, _ in rows(db, "SELECT * FROM offsets")} for db in dbs]
+    assert parts[0] and parts[1] and not parts[0] & parts[1]
+    inf_ids = [{e for (e,) in rows(db, "SELECT event_id FROM seen_inference")} for db in dbs]
+    fb_ids = [{e for (e,) in rows(db, "SELECT event_id FROM feedback")} for db in dbs]
+    assert not inf_ids[0] & inf_ids[1] and inf_ids[0] | inf_ids[1] == {e.event_id for e in inference}
+    assert not fb_ids[0] & fb_ids[1] and fb_ids[0] | fb_ids[1] == {e.event_id for e in feedback}
+    # Sessions joined locally: no feedback waits for an inference event held by the other rank.
+    reports = [json.loads((r / "round-001.json").read_text()) for r in ranks]
+    assert [rep["unjoined_waiting"] + rep["unjoined_dead_lettered"] for rep in reports] == [0, 0]
+
+    # Parameters stayed identical across ranks, and are what rank 0 published, with lineage.
+    states = [json.loads((r / "state-round-001.json").read_text()) for r in ranks]
+    assert states[0]["policy_sha256"] == states[1]["policy_sha256"]
+    assert states[0]["reward_model_sha256"] == states[1]["reward_model_sha256"]
+    repo = ModelRepository(repo_copy)
+    assert repo.latest() == 3 and states[0]["version"] == states[1]["version"] == 3
+    published = Checkpoint.load(repo.checkpoint_dir(3))
+    assert state_sha256(published.policy) == states[0]["policy_sha256"]
+    assert state_sha256(published.reward) == states[0]["reward_model_sha256"]
+    lineage = repo.manifest(3).lineage
+    assert lineage["parent_version"] == 2
+    assert lineage["inference_events"] == len(inference)
+    assert lineage["new_feedback_events"] == len(feedback)
+    assert set(lineage["store_offsets"]) == {f"{t}/{p}" for t, p in parts[0] | parts[1]}
