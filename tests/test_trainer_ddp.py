@@ -120,7 +120,7 @@ def test_two_ranks_share_the_partitions_stay_in_lockstep_and_rank0_publishes(qui
     workdir = tmp_path / "trainer"
     cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "trainer.distributed", "--repo", str(repo_copy), "--bus", f"sqlite://{bus_path}",
-           "--workdir", str(workdir), "--rm-steps", "8", "--pg-steps", "3", "--min-reward-gain", "-1e9"]
+           "--workdir", str(workdir), "--rm-steps", "8", "--pg-steps", "3", "--min-reward-gain=-1e9"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TQDM_DISABLE": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]

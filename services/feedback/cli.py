@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+from fuseloop.tls import add_tls_arguments
+
 PSEUDONYM_KEY_ENV = "FUSELOOP_PSEUDONYM_KEY"
 APP_TOKENS_ENV = "FUSELOOP_APP_TOKENS"  # "TOKEN=APP,TOKEN=APP"
 
@@ -42,6 +44,7 @@ def add_serve_parser(serve_subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=1000)
     p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    add_tls_arguments(p)
     p.set_defaults(func=serve_feedback_command)
 
 
@@ -62,6 +65,7 @@ def serve_feedback_command(args: argparse.Namespace) -> int:
     from fuseloop.bus import open_bus
     from fuseloop.bus.url import default_bus_url
     from services.feedback.app_tokens import AppTokens
+    from fuseloop.tls import tls_from_args
     from services.feedback.server import FeedbackServiceConfig, serve_feedback
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -78,6 +82,7 @@ def serve_feedback_command(args: argparse.Namespace) -> int:
             app_tokens=tokens, pseudonym_key=key, host=args.host, port=args.port,
             max_text_bytes=args.max_text_bytes, max_batch=args.max_batch,
             max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
+            tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_client_ca),
         )
         bus = open_bus(args.bus or default_bus_url(), client_id="fuseloop-feedback",
                        spool_dir=args.spool_dir, spool_max_bytes=args.spool_max_bytes)

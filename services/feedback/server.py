@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fuseloop.bus import EventBus, TopicConfig
+from fuseloop.tls import TlsConfig, listen
 from fuseloop.v1 import events_pb2, feedback_pb2
 from services.feedback.app_tokens import AppTokens
 from services.feedback.metrics import FeedbackMetrics
@@ -42,6 +43,7 @@ class FeedbackServiceConfig:
     publish_threads: int = 32  # bus writes block until durable; this many may wait at once
     metrics_port: int | None = None  # serve Prometheus /metrics here (0: any free port)
     shutdown_grace_s: float = 5.0
+    tls: TlsConfig | None = None  # None: plaintext (terminate TLS in front of the service)
 
     @property
     def limits(self) -> FeedbackLimits:
@@ -114,9 +116,7 @@ async def build_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    port = listen(server, f"{config.host}:{config.port}", config.tls)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

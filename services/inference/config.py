@@ -34,7 +34,7 @@ class InferenceServiceConfig:
     max_best_of: int = 16
     max_new_tokens: int = 64  # capped again by the model's max_response_tokens
     max_temperature: float = 5.0
-    inline_image_bytes_in_small_path: int = 64 * 1024  # larger images are decoded off the event loop
+    inline_decode_max_image_bytes: int = 64 * 1024  # larger images are decoded off the event loop
 
     # Inference events.
     event_image_max_bytes: int = 256 * 1024  # inlined up to this size; the sha256 is always sent

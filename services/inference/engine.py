@@ -9,6 +9,10 @@ all rows grow by one token per step, so the previous step's `present` is the nex
 and nothing is copied unless the group's membership changes. A row's real cache is its rightmost
 `position` entries; the attention mask hides the padding on its left. Fused memories of different
 lengths are right-padded and masked the same way.
+
+An idle engine takes the first request at once (waiting at most the max queue delay, and only
+for requests already being preprocessed). A busy one admits arrivals when there are enough to
+encode together or the oldest has waited the max queue delay.
 """
 
 from __future__ import annotations
@@ -217,28 +221,31 @@ class GenerationEngine:
     # -- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            active = self.active_sequences
-            if active and not self._worth_admitting(active):
-                arrivals, dropped = [], []
-            else:
-                arrivals, dropped = self.queue.take(self.config.max_batch - active, block=active == 0,
-                                                    admit_oversized=active == 0)
-            for job in dropped:
-                job._finish(self._why_dropped(job))
-            if self.queue.closed and not arrivals and not self.groups:
-                break
-            if arrivals:
-                self._admit(arrivals)
-            for loaded in list(self.groups):
-                self._step(self.groups[loaded])
-                if not self.groups[loaded]:
-                    del self.groups[loaded]
-            if self.metrics:
-                self.metrics.active_sequences.set(self.active_sequences)
-                self.metrics.queue_depth.labels("generate").set(len(self.queue))
-        for group in self.groups.values():
-            for job in set(group.jobs):
-                job._finish(QueueClosed("the server is shutting down"))
+            arrivals: list[GenerationJob] = []
+            try:
+                active = self.active_sequences
+                if not active or self._worth_admitting(active):
+                    arrivals, dropped = self.queue.take(self.config.max_batch - active, block=active == 0,
+                                                        admit_oversized=active == 0)
+                    for job in dropped:
+                        job._finish(self._why_dropped(job))
+                if self.queue.closed and not arrivals and not self.groups:
+                    return
+                if arrivals:
+                    self._admit(arrivals)
+                for loaded in list(self.groups):
+                    self._step(self.groups[loaded])
+                    if not self.groups[loaded]:
+                        del self.groups[loaded]
+                if self.metrics:
+                    self.metrics.active_sequences.set(self.active_sequences)
+                    self.metrics.generate_queue_depth.set(len(self.queue))
+            except Exception as e:  # a bug here must fail the requests at hand, not stop the engine
+                log.exception("generation engine step failed")
+                failure = ModelFailure(f"generation failed: {e}")
+                for job in {*arrivals, *(j for g in self.groups.values() for j in g.jobs)}:
+                    job._finish(failure)
+                self.groups.clear()
 
     def _worth_admitting(self, active: int) -> bool:
         """While decoding, arrivals join once there are enough of them to encode together (a quarter
@@ -277,9 +284,9 @@ class GenerationEngine:
                 job.started_at = now
             group.add(group_jobs, memory, memory_mask)
             if self.metrics:
-                self.metrics.batch_size.labels("encode").observe(len(group_jobs))
+                self.metrics.encode_batch.observe(len(group_jobs))
                 for job in group_jobs:
-                    self.metrics.queue_time.labels("generate").observe(now - job.enqueued_at)
+                    self.metrics.generate_queue_time.observe(now - job.enqueued_at)
 
     def _step(self, group: DecodeGroup) -> None:
         now = self.clock()
@@ -326,5 +333,5 @@ class GenerationEngine:
                     job._finish(None)
             group.keep(~finished)
         if self.metrics:
-            self.metrics.batch_size.labels("decode").observe(B)
+            self.metrics.decode_batch.observe(B)
             self.metrics.count_tokens(B)

@@ -36,6 +36,10 @@ class InferenceMetrics:
         self.event_failures = Counter("fuseloop_inference_event_failures",
                                       "Inference events lost (bus error or publish backlog full)", ["reason"], registry=r)
         self.deploys = Counter("fuseloop_inference_deploys", "Version swaps", registry=r)
+        # Children the worker threads update on every step, looked up once.
+        self.encode_batch, self.decode_batch, self.score_batch = (self.batch_size.labels(k) for k in ("encode", "decode", "score"))
+        self.generate_queue_time, self.score_queue_time = (self.queue_time.labels(k) for k in ("generate", "score"))
+        self.generate_queue_depth, self.score_queue_depth = (self.queue_depth.labels(k) for k in ("generate", "score"))
         self._window_start = time.monotonic()
         self._window_tokens = 0
         self._lock = threading.Lock()

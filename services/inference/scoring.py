@@ -87,9 +87,14 @@ class ScoreBatcher:
             for job in jobs:
                 by_version.setdefault(job.loaded, []).append(job)
             for loaded, group in by_version.items():
-                self._score(loaded, group)
+                try:
+                    self._score(loaded, group)
+                except Exception as e:  # a bug here must fail these requests, not stop the scorer
+                    log.exception("scoring failed")
+                    for job in group:
+                        job._finish(None, ModelFailure(f"scoring failed: {e}"))
             if self.metrics:
-                self.metrics.queue_depth.labels("score").set(len(self.queue))
+                self.metrics.score_queue_depth.set(len(self.queue))
 
     def _score(self, loaded: LoadedVersion, jobs: list[ScoreJob]) -> None:
         now = self.clock()
@@ -106,9 +111,9 @@ class ScoreBatcher:
                 job._finish(None, ModelFailure(f"the reward model failed: {e}"))
             return
         if self.metrics:
-            self.metrics.batch_size.labels("score").observe(len(rewards))
+            self.metrics.score_batch.observe(len(rewards))
             for job in jobs:
-                self.metrics.queue_time.labels("score").observe(now - job.enqueued_at)
+                self.metrics.score_queue_time.observe(now - job.enqueued_at)
         start = 0
         for job in jobs:
             job._finish(rewards[start:start + job.size].astype(np.float32), None)

@@ -28,7 +28,7 @@ from services.inference.engine import GeneratedSequence, GenerationEngine, Gener
 from services.inference.events import EventPublisher, ResponseRecord, build_event
 from services.inference.loop_bridge import LoopBridge
 from services.inference.metrics import InferenceMetrics
-from services.inference.queueing import Cancelled, DeadlineExceeded, ModelFailure, QueueClosed, QueueFull
+from services.inference.queueing import Arrival, Cancelled, DeadlineExceeded, ModelFailure, QueueClosed, QueueFull
 from services.inference.runtime.base import LoadedVersion
 from services.inference.scoring import ScoreBatcher, ScoreJob
 from services.inference.tokenization_cache import TokenizationCache
@@ -48,22 +48,14 @@ STATUS_OF = {
 KNOWN_ERRORS = tuple(STATUS_OF)
 
 
-class RpcObserver:
-    """Counts an RPC's outcome and latency; used as `async with observer.rpc("Generate") as call`."""
+class ObservedRpc:
+    """Counts an RPC's outcome and latency: `async with ObservedRpc(metrics, "Generate") as call`."""
 
-    def __init__(self, metrics: InferenceMetrics) -> None:
-        self.metrics = metrics
-
-    def rpc(self, method: str) -> "_ObservedCall":
-        return _ObservedCall(self.metrics, method)
-
-
-class _ObservedCall:
     def __init__(self, metrics: InferenceMetrics, method: str) -> None:
         self.metrics, self.method = metrics, method
         self.code = grpc.StatusCode.OK
 
-    async def __aenter__(self) -> "_ObservedCall":
+    async def __aenter__(self) -> "ObservedRpc":
         self.t0 = time.perf_counter()
         return self
 
@@ -76,7 +68,7 @@ class _ObservedCall:
         self.metrics.latency.labels(self.method).observe(time.perf_counter() - self.t0)
 
 
-async def abort_for(context: grpc.aio.ServicerContext, call: _ObservedCall, error: Exception) -> None:
+async def abort_for(context: grpc.aio.ServicerContext, call: ObservedRpc, error: Exception) -> None:
     code = next(c for t, c in STATUS_OF.items() if isinstance(error, t))
     call.code = code
     await context.abort(code, str(error))
@@ -99,12 +91,11 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         self.clock = clock
         self.wall_ms = wall_ms
         self.shuffle = shuffle or random.Random()
-        self.observer = RpcObserver(metrics)
 
     # -- RPCs -----------------------------------------------------------------------------------
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> inference_pb2.GenerateResponse:
-        async with self.observer.rpc("Generate") as call:
+        async with ObservedRpc(self.metrics, "Generate") as call:
             try:
                 with self.engine.queue.arriving() as arrival, self.deployment.acquire() as lease:
                     loaded = lease.loaded
@@ -138,7 +129,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
 
     async def GenerateStream(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        async with self.observer.rpc("GenerateStream") as call:
+        async with ObservedRpc(self.metrics, "GenerateStream") as call:
             try:
                 with self.engine.queue.arriving() as arrival, self.deployment.acquire() as lease:
                     loaded = lease.loaded
@@ -179,7 +170,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
 
     async def Score(self, request: inference_pb2.ScoreRequest, context: grpc.aio.ServicerContext
                     ) -> inference_pb2.ScoreResponse:
-        async with self.observer.rpc("Score") as call:
+        async with ObservedRpc(self.metrics, "Score") as call:
             try:
                 with self.scorer.queue.arriving() as arrival, self.deployment.acquire() as lease:
                     loaded = lease.loaded
@@ -206,7 +197,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         def pixels() -> np.ndarray:
             return image_array(decode_image(image, limits), pre.config)
 
-        if len(image) <= self.config.inline_image_bytes_in_small_path:
+        if len(image) <= self.config.inline_decode_max_image_bytes:
             return pixels(), prompt_ids
         return await asyncio.get_running_loop().run_in_executor(self.executor, pixels), prompt_ids
 
@@ -219,10 +210,9 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                              sequence_rng(params.seed, i) if params.temperature > 0 else None)
                 for i in range(params.num_sequences)]
 
-    async def _generate(self, arrival, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int],
+    async def _generate(self, arrival: Arrival, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int],
                         params: GenerateParams, context: grpc.aio.ServicerContext) -> list[GeneratedSequence]:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
         job = GenerationJob(loaded, pixels, prompt_ids, self._specs(params),
                             on_done=lambda j, err: self.bridge.post(_settle, done, err),
                             deadline=self._deadline(context))
@@ -234,7 +224,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             raise
         return job.sequences
 
-    def _submit_stream(self, arrival, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int],
+    def _submit_stream(self, arrival: Arrival, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int],
                        params: GenerateParams, context: grpc.aio.ServicerContext) -> tuple[GenerationJob, asyncio.Queue]:
         """Submits a job whose queue receives [(candidate index, token id)] per decode step, then
         None when done (or the exception that ended it)."""
@@ -247,10 +237,9 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         return job, steps
 
     async def _score(self, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int], responses: list[str],
-                     context: grpc.aio.ServicerContext, arrival=None) -> np.ndarray:
+                     context: grpc.aio.ServicerContext, arrival: Arrival | None = None) -> np.ndarray:
         pre = loaded.preprocessor
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
         tokenization = self.tokens(loaded)
         job = ScoreJob(loaded, pixels, prompt_ids, [[pre.bos_id] + tokenization.response_ids(r) for r in responses],
                        on_done=lambda j, rewards, err: self.bridge.post(_settle, done, err, rewards),

@@ -1,0 +1,44 @@
+"""The services can serve TLS: a client that trusts the certificate gets through, plaintext doesn't."""
+
+import secrets
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fuseloop.bus.url import open_bus
+from fuseloop.tls import TlsConfig
+from fuseloop.v1 import events_pb2, feedback_pb2_grpc
+from services.feedback.server import FeedbackServer, FeedbackServiceConfig
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_feedback_service_over_tls(certificate, tmp_path):
+    cert, key = certificate
+    bus = open_bus(f"sqlite:///{tmp_path / 'bus.db'}")
+    config = FeedbackServiceConfig(app_tokens={"tok": "app"}, pseudonym_key=secrets.token_bytes(32), port=0,
+                                   tls=TlsConfig(cert, key))
+    event = events_pb2.FeedbackEvent(schema_version=1, event_id="e1", response_id="r1", session_id="s1",
+                                     thumbs=events_pb2.Thumbs(up=True))
+    with FeedbackServer(config, bus) as server:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{server.port}", creds) as channel:
+            reply = feedback_pb2_grpc.FeedbackServiceStub(channel).Submit(
+                event, timeout=10, metadata=[("authorization", "Bearer tok")])
+            assert reply.event_id == "e1"
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                feedback_pb2_grpc.FeedbackServiceStub(channel).Submit(
+                    event, timeout=5, metadata=[("authorization", "Bearer tok")])
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    bus.close()
