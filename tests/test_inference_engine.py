@@ -200,24 +200,24 @@ class Item:
 
 
 def test_the_queue_delay_waits_only_for_requests_already_on_their_way():
-    queue = RequestQueue(capacity=10, max_delay_s=0.2)
+    queue = RequestQueue(capacity=10, max_delay_s=0.5)
     queue.put(Item())
     t0 = time.monotonic()
     batch, _ = queue.take(room=8, block=True, admit_oversized=True)
-    assert len(batch) == 1 and time.monotonic() - t0 < 0.1  # nobody else coming: no wait
+    assert len(batch) == 1 and time.monotonic() - t0 < 0.25  # nobody else coming: no wait
 
     on_the_way = queue.arriving()
     queue.put(Item())
     threading.Timer(0.05, lambda: on_the_way.put(Item())).start()
     t0 = time.monotonic()
     batch, _ = queue.take(room=8, block=True, admit_oversized=True)
-    assert len(batch) == 2 and 0.04 < time.monotonic() - t0 < 0.19  # waited for it, not the whole delay
+    assert len(batch) == 2 and 0.04 < time.monotonic() - t0 < 0.45  # waited for it, not the whole delay
 
     stuck = queue.arriving()  # preprocessing that never finishes: at most the max delay
     queue.put(Item())
     t0 = time.monotonic()
     batch, _ = queue.take(room=8, block=True, admit_oversized=True)
-    assert len(batch) == 1 and 0.19 < time.monotonic() - t0 < 0.5
+    assert len(batch) == 1 and 0.45 < time.monotonic() - t0 < 2.0
     stuck.__exit__(None, None, None)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from fuseloop.bus import TopicConfig
 from fuseloop.bus.sqlite import SqliteBus, SqliteBusConfig, partition_for
@@ -25,7 +26,11 @@ from fuseloop.repository import ModelRepository
 from fuseloop.scenes import GoldOracle, make_examples, png_bytes, render
 from fuseloop.v1 import events_pb2
 from services.inference.events import ResponseRecord, build_event
-from trainer.distributed import check_copartitioned, state_sha256
+from trainer.batches import ContextTensors
+from trainer.distributed import GlooGroup, check_copartitioned, state_sha256
+from trainer.policy_gradient import PolicyGradientConfig, train_policy
+from trainer.reward_training import RewardTrainConfig, train_reward
+from trainer.signals import Context, TrainingSet
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +110,39 @@ def test_a_sessions_events_land_on_the_same_partition_number_and_member_when_par
             with pytest.raises(SystemExit, match="multiple of 2"):
                 check_copartitioned(bus, 2)
         bus.close()
+
+
+def _uneven_rank(rank: int, port: int, run_dir: str, out_dir: str) -> None:
+    """Rank 0 holds pairs, ratings, corrections and prompts; rank 1 holds nothing at all."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      GLOO_SOCKET_IFNAME="lo", TQDM_DISABLE="1")
+    torch.set_num_threads(1)
+    group = GlooGroup()
+    ckpt = Checkpoint.load(Path(run_dir))
+    ctx = [Context(e.prompt, png_bytes(render(e.scene)), f"r{rank}-{i}")
+           for i, e in enumerate(make_examples(24, seed=rank))]
+    data = TrainingSet()
+    if rank == 0:
+        data.pairs = [(c, "red", "blue", 1.0) for c in ctx]
+        data.ratings = [(c, "two", 4, 1.0) for c in ctx]
+        data.demos = [(c, "one") for c in ctx[:4]]
+    tensors = ContextTensors(ckpt.preprocessor)
+    train_reward(ckpt.reward, group.align_signals(data, 0.15), tensors,
+                 RewardTrainConfig(steps=3, batch_size=16, seed=rank), wrap=group.wrap)
+    prompts = group.nonempty(ctx if rank == 0 else [])
+    train_policy(ckpt.policy, ckpt.policy.__class__(ckpt.policy.cfg), ckpt.reward, prompts, data.demos, tensors,
+                 PolicyGradientConfig(steps=2, prompts_per_step=4, samples_per_prompt=2, demo_batch=4, seed=rank),
+                 wrap=group.wrap, reduce_mean=group.mean)
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(
+        {"policy": state_sha256(ckpt.policy), "reward": state_sha256(ckpt.reward)}))
+    group.close()
+
+
+def test_a_rank_without_data_takes_the_same_steps_and_ends_identical(quick_run_dir, tmp_path):
+    mp.spawn(_uneven_rank, args=(free_port(), str(quick_run_dir), str(tmp_path)), nprocs=2, join=True)
+    states = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert states[0] == states[1]
+    assert states[0]["policy"] != state_sha256(Checkpoint.load(quick_run_dir).policy)  # it did train
 
 
 @pytest.mark.slow

@@ -144,3 +144,27 @@ def test_the_gate_keeps_but_does_not_deploy_a_candidate_that_does_not_beat_servi
     assert ModelRepository(repo_copy).versions() == [1, 2]
     assert (tmp_path / "work" / "candidates" / "round-001" / "policy.pt").exists()
     assert len(gold_calls) >= 2  # the oracle judged candidate and serving (evaluation only)
+
+
+def test_a_round_drains_what_was_there_while_traffic_goes_on(bus, fresh_topics, quick_checkpoint, repo_copy, tmp_path):
+    import threading
+
+    first = publish_traffic(bus, fresh_topics, quick_checkpoint, requests=20)
+    stop = threading.Event()
+
+    def keep_producing():
+        seed = 1
+        while not stop.is_set():
+            publish_traffic(bus, fresh_topics, quick_checkpoint, requests=5, seed=seed)
+            seed += 1
+
+    producer = threading.Thread(target=keep_producing, daemon=True)
+    producer.start()
+    try:
+        trainer = Trainer(TrainConfig(workdir=tmp_path / "work", **FAST), bus, ModelRepository(repo_copy), fresh_topics)
+        report = trainer.run_round()  # must end although the topics never go quiet
+        trainer.close()
+    finally:
+        stop.set()
+        producer.join()
+    assert report["ingest"]["inference_events"] >= len(first.inference)

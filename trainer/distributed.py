@@ -61,8 +61,8 @@ class GlooGroup(ProcessGroup):
 
     def wrap(self, module: torch.nn.Module) -> DistributedDataParallel:
         self.trained[type(module).__name__] = getattr(module, "policy", module)  # SequenceLogprobs -> the policy
-        # No buffers to keep in step (the models have none), and every parameter gets a gradient.
-        return DistributedDataParallel(module, broadcast_buffers=False)
+        # Every parameter gets a gradient in every step (no find_unused_parameters needed).
+        return DistributedDataParallel(module)
 
     def _reduce(self, value: float, op: dist.ReduceOp) -> float:
         t = torch.tensor([float(value)], dtype=torch.float64)

@@ -48,6 +48,11 @@ class IngestReport:
                 "seconds": round(self.seconds, 2)}
 
 
+def _reached(position: dict[tuple[str, int], int], snapshot: dict[tuple[str, int], int]) -> bool:
+    """Every partition still assigned has been read up to its snapshot end."""
+    return all(position.get(tp, 0) >= end for tp, end in snapshot.items() if tp in position)
+
+
 def _offsets_json(offsets: dict[tuple[str, int], int]) -> dict[str, int]:
     return {f"{t}/{p}": o for (t, p), o in sorted(offsets.items())}
 
@@ -74,7 +79,11 @@ class Ingestor:
         report = IngestReport()
         consumer = self.consumer()
         idle = 0
+        # A round drains what was on the bus when it started: traffic goes on meanwhile.
+        snapshot = consumer.end_offsets()
         while report.records < self.config.max_events and idle < self.config.idle_polls:
+            if snapshot and _reached(consumer.position(), snapshot):
+                break
             records = consumer.poll(self.config.poll_records, self.config.poll_timeout_s)
             if not records:
                 idle += 1
@@ -82,6 +91,8 @@ class Ingestor:
             idle = 0
             self._store_batch(records, round_, report)
             consumer.commit({(r.topic, r.partition): r.offset + 1 for r in records})
+            if not snapshot:  # the group assignment arrives with the first poll (Kafka)
+                snapshot = consumer.end_offsets()
         report.seconds = time.perf_counter() - t0
         return report
 

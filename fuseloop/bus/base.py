@@ -75,5 +75,10 @@ class BusConsumer(ABC):
     def position(self) -> dict[tuple[str, int], int]:
         """Next offset to read per (topic, partition) assigned to this member."""
 
+    @abstractmethod
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        """Next offset to be written per (topic, partition) assigned to this member, now: reading
+        up to these drains what was there when asked, while producers keep writing."""
+
     def close(self) -> None:
         """Leaves the group without committing."""

@@ -356,5 +356,15 @@ class KafkaBusConsumer(BusConsumer):
     def position(self) -> dict[tuple[str, int], int]:
         return {(tp.topic, tp.partition): self._consumer.position(tp) for tp in self._consumer.assignment()}
 
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        assigned = list(self._consumer.assignment())
+        if not assigned:
+            return {}
+        try:
+            ends = self._consumer.end_offsets(assigned)
+        except KafkaError as e:
+            raise BusError(f"Kafka end_offsets failed: {e}") from e
+        return {(tp.topic, tp.partition): off for tp, off in ends.items()}
+
     def close(self) -> None:
         self._consumer.close(autocommit=False)

@@ -174,6 +174,14 @@ class SqliteConsumer(BusConsumer):
         self._rebalance()
         return dict(self._positions)
 
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        self._rebalance()
+        out = {}
+        for topic, part in self._positions:
+            row = self._db.execute("SELECT MAX(off) + 1 FROM log WHERE topic = ? AND part = ?", (topic, part)).fetchone()
+            out[(topic, part)] = row[0] or 0
+        return out
+
     def close(self) -> None:
         try:
             with _Transaction(self._db) as db:

@@ -49,6 +49,9 @@ def serve_inference(args: argparse.Namespace) -> int:
     from services.inference.runtime import make_runtime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not Path(args.repo).is_dir():
+        print(f"error: the repository {args.repo} does not exist", file=sys.stderr)
+        return 2
     try:
         runtime = make_runtime(args.runtime, intra_op_threads=args.threads, device=args.device)
         config = InferenceServiceConfig(
@@ -58,9 +61,6 @@ def serve_inference(args: argparse.Namespace) -> int:
         bus = open_bus(args.bus) if args.bus else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not Path(args.repo).is_dir():
-        print(f"error: the repository {args.repo} does not exist", file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(config, runtime, ModelRepository(Path(args.repo)), bus))

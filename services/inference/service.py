@@ -53,7 +53,7 @@ class ObservedRpc:
 
     def __init__(self, metrics: InferenceMetrics, method: str) -> None:
         self.metrics, self.method = metrics, method
-        self.code = grpc.StatusCode.OK
+        self._recorded = False
 
     async def __aenter__(self) -> "ObservedRpc":
         self.t0 = time.perf_counter()
@@ -61,16 +61,20 @@ class ObservedRpc:
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         if exc_type is asyncio.CancelledError:
-            self.code = grpc.StatusCode.CANCELLED
-        elif exc is not None and self.code == grpc.StatusCode.OK:
-            self.code = grpc.StatusCode.INTERNAL
-        self.metrics.requests.labels(self.method, self.code.name).inc()
-        self.metrics.latency.labels(self.method).observe(time.perf_counter() - self.t0)
+            self.record(grpc.StatusCode.CANCELLED)
+        self.record(grpc.StatusCode.OK if exc is None else grpc.StatusCode.INTERNAL)
+
+    def record(self, code: grpc.StatusCode) -> None:
+        """Counts the outcome once (an abort sends its status at once, so it records first)."""
+        if not self._recorded:
+            self._recorded = True
+            self.metrics.requests.labels(self.method, code.name).inc()
+            self.metrics.latency.labels(self.method).observe(time.perf_counter() - self.t0)
 
 
 async def abort_for(context: grpc.aio.ServicerContext, call: ObservedRpc, error: Exception) -> None:
     code = next(c for t, c in STATUS_OF.items() if isinstance(error, t))
-    call.code = code
+    call.record(code)
     await context.abort(code, str(error))
 
 
