@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -25,9 +26,12 @@ from pathlib import Path
 
 from fuseloop.preprocessing import PreprocessConfig
 
+log = logging.getLogger(__name__)
+
 ENCODER, DECODER, REWARD = "fuseloop_encoder", "fuseloop_decoder", "fuseloop_reward"
 MODELS = (ENCODER, DECODER, REWARD)
 MANIFEST = "manifest.json"
+SERVING_STATE = "serving.json"
 MODEL_FILE = "model.onnx"
 FORMAT_VERSION = 1
 
@@ -146,6 +150,13 @@ class ModelRepository:
                                       f"(manifest {digest[:12]}..., file {actual[:12]}...)")
         return manifest
 
+    @property
+    def serving_state_path(self) -> Path:
+        return self.root / SERVING_STATE
+
+    def serving_state(self) -> "ServingState":
+        return ServingState.read(self.serving_state_path)
+
     def checkpoint_dir(self, version: int) -> Path:
         return self.version_dir(ENCODER, version) / "checkpoint"
 
@@ -182,28 +193,34 @@ class ModelRepository:
 
 @dataclass
 class ServingState:
-    """Which version serves, the one before it (for rollback) and the deploy history."""
+    """Which version serves, the one before it (for rollback) and the deploy history. The
+    inference service writes it on every deploy; the trainer and `models list` read it."""
 
     serving: int | None = None
     previous: int | None = None
     history: list[int] = field(default_factory=list)
 
+    def to_json(self) -> str:
+        return json.dumps({"serving": self.serving, "previous": self.previous, "history": self.history}, indent=2)
 
-SERVING_STATE = "serving.json"
+    @classmethod
+    def read(cls, path: Path) -> "ServingState":
+        """An absent or unreadable file reads as 'nothing deployed yet'."""
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(d.get("serving"), d.get("previous"), [int(v) for v in d.get("history", [])])
+        except FileNotFoundError:
+            return cls()
+        except (ValueError, TypeError, AttributeError) as e:
+            log.warning("ignoring unreadable serving state %s: %s", path, e)
+            return cls()
 
-
-def read_serving_state(root: Path) -> ServingState:
-    path = Path(root) / SERVING_STATE
-    if not path.exists():
-        return ServingState()
-    return ServingState(**json.loads(path.read_text()))
-
-
-def write_serving_state(root: Path, state: ServingState) -> None:
-    """Atomic replace, so a crash never leaves a half-written state file."""
-    path = Path(root) / SERVING_STATE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(state)))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    def write(self, path: Path) -> None:
+        """Atomic replace, so a crash never leaves a half-written state file."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)

@@ -3,7 +3,7 @@
 import json
 
 from fuseloop.cli import main as cli
-from fuseloop.repository import ModelRepository, read_serving_state
+from fuseloop.repository import ModelRepository
 
 
 def test_a_short_demo_improves_gold_accuracy_and_deploys_a_new_version(tmp_path, capsys):
@@ -18,6 +18,6 @@ def test_a_short_demo_improves_gold_accuracy_and_deploys_a_new_version(tmp_path,
     assert sum(rounds[0]["events"].values()) > 0 and rounds[0]["errors"] == 0
     repo = ModelRepository(out / "model-repository")
     assert len(repo.versions()) >= 2
-    assert read_serving_state(repo.root).serving == repo.latest()
+    assert repo.serving_state().serving == repo.latest()
     assert repo.manifest(repo.latest()).lineage["parent_version"] == 1
     assert (out / "report.png").exists()

@@ -18,7 +18,7 @@ from fuseloop.repository import DECODER, ENCODER, MANIFEST, MODEL_FILE, ModelRep
 from fuseloop.scenes import make_split, png_bytes, render
 from fuseloop.v1 import admin_pb2, admin_pb2_grpc, events_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.config import InferenceServiceConfig
-from services.inference.deployment import STATE_FILE
+from fuseloop.repository import SERVING_STATE as STATE_FILE
 from services.inference.runtime.onnx_runtime import OnnxRuntime, OnnxRuntimeConfig
 from services.inference.server import InferenceServer, ServerThread
 

@@ -42,3 +42,24 @@ def test_feedback_service_over_tls(certificate, tmp_path):
                     event, timeout=5, metadata=[("authorization", "Bearer tok")])
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     bus.close()
+
+
+def test_inference_service_over_tls(certificate, shared_repo_dir, tmp_path):
+    from fuseloop.repository import ModelRepository
+    from fuseloop.v1 import admin_pb2, admin_pb2_grpc
+    from services.inference.config import InferenceServiceConfig
+    from services.inference.runtime.onnx_runtime import OnnxRuntime
+    from services.inference.server import InferenceServer, ServerThread
+
+    cert, key = certificate
+    config = InferenceServiceConfig(port=0, admin_token="admin", tls=TlsConfig(cert, key))
+    server = ServerThread(InferenceServer(config, OnnxRuntime(), ModelRepository(shared_repo_dir),
+                                          state_path=tmp_path / "serving.json")).start()
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{server.server.port}", creds) as channel:
+            status = admin_pb2_grpc.AdminServiceStub(channel).Status(
+                admin_pb2.StatusRequest(), timeout=10, metadata=[("authorization", "Bearer admin")])
+            assert status.ready
+    finally:
+        server.stop()

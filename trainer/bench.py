@@ -5,6 +5,10 @@ side only), same initial weights, batch size, learning rate, optimizer (AdamW, w
 constant lr, grad-norm clip 1.0) and number of training examples. Both are scored by the same
 function (`evaluate_pairs`) on the same held-out pairs, split by request as the trainer splits.
 
+The initial reward model is `RewardModel.from_policy` of a supervised base policy with a fresh head
+(as the trainer starts): from a fresh trunk neither learns image grounding within a few epochs.
+The base policy is pretrained once (about 300 steps) and cached, or given with --checkpoint.
+
 How TRL is fed: `RewardTrainer` calls `model(**batch)` and reads `.logits` (chosen rows first,
 then rejected rows). `TRLRewardModel` is a thin `transformers.PreTrainedModel` around our
 `RewardModel`, and `ImagePreferenceCollator` adds the image and prompt tensors to TRL's padded
@@ -18,21 +22,24 @@ and the trainer (accelerate set-up). examples/s = training examples / wall secon
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from fuseloop.checkpoint import Checkpoint
 from fuseloop.demo.simulated_users import UserModel
-from fuseloop.model import ModelConfig, RewardModel, count_parameters
-from fuseloop.preprocessing import PreprocessConfig, Preprocessor, pad_right
-from fuseloop.scenes import BiasedAnnotator, GoldOracle, alternative_answer, make_split, png_bytes, render, task_texts
-from fuseloop.tokenizer import train_tokenizer
+from fuseloop.model import RewardModel, count_parameters
+from fuseloop.preprocessing import Preprocessor, pad_right
+from fuseloop.scenes import BiasedAnnotator, GoldOracle, alternative_answer, make_split, png_bytes, render
 from trainer.batches import ContextTensors
 from trainer.reward_training import RewardTrainConfig, evaluate_pairs, is_heldout, split, train_reward
 from trainer.signals import Context, TrainingSet
@@ -50,7 +57,7 @@ class BenchConfig:
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
+    base_steps: int = 300  # supervised steps of the cached base policy (default architecture)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -75,15 +82,19 @@ def preference_pairs(cfg: BenchConfig) -> TrainingSet:
     return out
 
 
-def fresh_reward_model(cfg: BenchConfig) -> tuple[RewardModel, Preprocessor]:
-    """An untrained reward model with the default architecture and the task's tokenizer."""
-    torch.manual_seed(cfg.seed)
-    tok = train_tokenizer(task_texts())
-    pre = Preprocessor(tok, PreprocessConfig())
-    mcfg = replace(cfg.model, vocab_size=len(tok), image_size=pre.config.image_size,
-                   max_prompt_tokens=pre.config.max_prompt_tokens, max_response_tokens=pre.config.max_response_tokens,
-                   pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id)
-    return RewardModel(mcfg), pre
+def base_checkpoint(cfg: BenchConfig, checkpoint: str | None) -> Checkpoint:
+    """The given run directory, else a base policy pretrained once and cached."""
+    if checkpoint:
+        return Checkpoint.load(Path(checkpoint))
+    from trainer.pretrain import PretrainConfig, pretrain
+
+    pcfg = PretrainConfig(n_train=3000, n_test=60, steps=cfg.base_steps, reward_steps=1, seed=cfg.seed)
+    key = hashlib.sha256(repr(pcfg).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fuseloop" / f"bench-train-base-{key}"
+    if not (cache / "metrics.json").exists():
+        print(f"pretraining the base policy once ({cfg.base_steps} steps) into {cache}", file=sys.stderr)
+        pretrain(pcfg, cache)
+    return Checkpoint.load(cache)
 
 
 # -- the two contenders ------------------------------------------------------------------------------
@@ -158,10 +169,20 @@ def run_trl(reward: RewardModel, pre: Preprocessor, train_pairs: list, cfg: Benc
 
 # -- the run ----------------------------------------------------------------------------------------
 
-def run(cfg: BenchConfig, workdir: str) -> dict:
+def warm_up() -> None:
+    """One-off costs neither contender should carry: the first AdamW imports torch._dynamo (seconds)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.zeros(1)
+    torch.optim.AdamW([p]).step()
+
+
+def run(cfg: BenchConfig, workdir: str, checkpoint: str | None = None) -> dict:
+    base = base_checkpoint(cfg, checkpoint)
     data = preference_pairs(cfg)
     train_pairs, held_pairs = split(data.pairs, cfg.heldout_share)
-    init, pre = fresh_reward_model(cfg)
+    torch.manual_seed(cfg.seed)
+    init, pre = RewardModel.from_policy(base.policy), base.preprocessor
+    warm_up()
     print(f"{len(train_pairs)} training pairs ({cfg.label_noise:.0%} flipped), {len(held_pairs)} held-out pairs; "
           f"reward model {count_parameters(init):,} parameters; {cfg.epochs} epochs, batch {cfg.batch_size}, "
           f"lr {cfg.lr}", file=sys.stderr)
@@ -178,7 +199,7 @@ def run(cfg: BenchConfig, workdir: str) -> dict:
         r.update(examples_per_s=r["examples"] / r["wall_s"], heldout_pairwise_accuracy=heldout["pairwise_accuracy"],
                  heldout_calibration_ece=heldout["calibration_ece"])
         results[name] = r
-    return {"config": {k: v for k, v in asdict(cfg).items() if k != "model"}, "train_pairs": len(train_pairs),
+    return {"config": asdict(cfg), "train_pairs": len(train_pairs),
             "heldout_pairs": len(held_pairs), "heldout_accuracy_before": before, "torch_threads": torch.get_num_threads(),
             "results": results}
 
@@ -195,7 +216,7 @@ def print_table(report: dict) -> None:
           f"held-out accuracy {ours['heldout_pairwise_accuracy'] - trl['heldout_pairwise_accuracy']:+.3f}")
 
 
-def main(json_output: bool = False) -> int:
+def main(json_output: bool = False, checkpoint: str | None = None) -> int:
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -204,7 +225,7 @@ def main(json_output: bool = False) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="fuseloop-bench-train-") as workdir:
-        report = run(BenchConfig(), workdir)
+        report = run(BenchConfig(), workdir, checkpoint)
     if json_output:
         print(json.dumps(report, default=float))
     else:
@@ -213,4 +234,10 @@ def main(json_output: bool = False) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main("--json" in sys.argv))
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--checkpoint", help="run directory of a base policy (default: pretrain one, cached)")
+    args = parser.parse_args()
+    raise SystemExit(main(args.json, args.checkpoint))

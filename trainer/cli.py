@@ -40,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from fuseloop.repository import ModelRepository, read_serving_state
+    from fuseloop.repository import ModelRepository
     from trainer.deploy import AdminDeployer
 
     if args.action == "list":
@@ -51,7 +51,7 @@ def _models(args: argparse.Namespace) -> int:
         if not args.repo:
             raise SystemExit("models list needs --repo REPO_DIR or --server HOST:PORT")
         repo = ModelRepository(Path(args.repo))
-        serving = read_serving_state(repo.root).serving
+        serving = repo.serving_state().serving
         print(f"  {'version':>7}  {'parent':>6}  {'created':25}  {'gold/metrics'}")
         for v in repo.versions():
             m = repo.manifest(v)
@@ -68,7 +68,7 @@ def _models(args: argparse.Namespace) -> int:
 def _bench_train(args: argparse.Namespace) -> int:
     from trainer.bench import main as bench_main
 
-    return bench_main(json_output=args.json)
+    return bench_main(json_output=args.json, checkpoint=args.checkpoint)
 
 
 def add_parsers(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -98,4 +98,5 @@ def add_parsers(sub: argparse._SubParsersAction, bench: argparse._SubParsersActi
 
     p = bench.add_parser("train", help="reward-model training vs TRL's RewardTrainer")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--checkpoint", help="run directory of a base policy (default: pretrain one, cached)")
     p.set_defaults(func=_bench_train)

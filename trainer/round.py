@@ -14,7 +14,7 @@ from pathlib import Path
 from fuseloop.bus import EventBus, TopicConfig
 from fuseloop.checkpoint import Checkpoint
 from fuseloop.events import dead_letter
-from fuseloop.repository import ModelRepository, read_serving_state
+from fuseloop.repository import ModelRepository
 from trainer.batches import ContextTensors
 from trainer.deploy import Deployer
 from trainer.export import publish
@@ -109,7 +109,7 @@ class Trainer:
         self.store.close()
 
     def base_version(self) -> int:
-        state = read_serving_state(self.repo.root)
+        state = self.repo.serving_state()
         version = state.serving or self.repo.latest()
         if version is None:
             raise RuntimeError(f"no version in {self.repo.root}: run `fuseloop pretrain` and `fuseloop export` first")

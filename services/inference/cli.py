@@ -10,7 +10,18 @@ import signal
 import sys
 from pathlib import Path
 
+from fuseloop.tls import add_tls_arguments
+
 ADMIN_TOKEN_ENV = "FUSELOOP_ADMIN_TOKEN"
+GIL_SWITCH_INTERVAL_MS = 1.0
+
+
+def set_switch_interval(ms: float) -> None:
+    """The engine thread releases the GIL for every model call and must then wait for the busy
+    event-loop thread to give it back: up to Python's switch interval (5 ms by default) per decode
+    step. 1 ms measured ~40% more Generate throughput at 32 concurrent clients on 2 cores; much
+    shorter intervals lose it again to switching. Process-wide, so only a process entry point sets it."""
+    sys.setswitchinterval(ms / 1000)
 
 
 def add_serve_parser(serve_subparsers) -> None:
@@ -27,6 +38,10 @@ def add_serve_parser(serve_subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting before RESOURCE_EXHAUSTED")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: ORT decides)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--spool-dir", default=None, help="where inference events wait while Kafka is away")
+    add_tls_arguments(p)
+    p.add_argument("--gil-switch-interval-ms", type=float, default=GIL_SWITCH_INTERVAL_MS,
+                   help="Python's thread switch interval for this process (see set_switch_interval)")
     p.set_defaults(func=serve_inference)
 
 
@@ -44,11 +59,13 @@ def add_bench_parser(bench_subparsers) -> None:
 
 def serve_inference(args: argparse.Namespace) -> int:
     from fuseloop.bus import open_bus
+    from fuseloop.tls import tls_from_args
     from fuseloop.repository import ModelRepository
     from services.inference.config import InferenceServiceConfig
     from services.inference.runtime import make_runtime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_switch_interval(args.gil_switch_interval_ms)
     if not Path(args.repo).is_dir():
         print(f"error: the repository {args.repo} does not exist", file=sys.stderr)
         return 2
@@ -57,8 +74,10 @@ def serve_inference(args: argparse.Namespace) -> int:
         config = InferenceServiceConfig(
             host=args.host, port=args.port, metrics_port=args.metrics_port,
             admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None,
-            max_batch=args.max_batch, max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue)
-        bus = open_bus(args.bus) if args.bus else None
+            max_batch=args.max_batch, max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue,
+            tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_client_ca))
+        # Each service keeps its own spool (events wait there while Kafka is away).
+        bus = open_bus(args.bus, client_id="fuseloop-inference", spool_dir=args.spool_dir) if args.bus else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fuseloop.bus import TopicConfig
+from fuseloop.tls import TlsConfig
 
 
 @dataclass
@@ -14,6 +15,7 @@ class InferenceServiceConfig:
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: not served (0: any free port)
     admin_token: str | None = None  # None: the admin API refuses every call
     topics: TopicConfig = field(default_factory=TopicConfig)
+    tls: TlsConfig | None = None  # None: plaintext (terminate TLS in front of the service)
 
     # Batching. Generation batches at decode-step granularity; max_batch caps the sequences
     # decoded together (candidates count one each), max_queue the requests waiting to join.

@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from fuseloop.repository import ModelRepository, RepositoryError
+from fuseloop.repository import ModelRepository, RepositoryError, ServingState
 from services.inference.runtime.base import LoadedVersion, ModelRuntime
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "serving.json"
 
 
 class VersionNotFound(LookupError):
@@ -101,35 +97,6 @@ class Lease:
         self.release()
 
 
-@dataclass
-class DeploymentState:
-    serving: int | None = None
-    previous: int | None = None
-    history: list[int] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        return json.dumps({"serving": self.serving, "previous": self.previous, "history": self.history}, indent=2)
-
-    @classmethod
-    def read(cls, path: Path) -> "DeploymentState":
-        try:
-            d = json.loads(path.read_text())
-            return cls(d.get("serving"), d.get("previous"), [int(v) for v in d.get("history", [])])
-        except FileNotFoundError:
-            return cls()
-        except (ValueError, TypeError, AttributeError) as e:
-            log.warning("ignoring unreadable deployment state %s: %s", path, e)
-            return cls()
-
-    def write(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
 class Deployment:
     """The serving version and the previous one. Deploys are serialized; reads are lock-free."""
 
@@ -138,9 +105,9 @@ class Deployment:
         self.repo = repo
         self.runtime = runtime
         self.executor = executor
-        self.state_path = Path(state_path) if state_path else repo.root / STATE_FILE
+        self.state_path = Path(state_path) if state_path else repo.serving_state_path
         self.history_limit = history_limit
-        self.state = DeploymentState.read(self.state_path)
+        self.state = ServingState.read(self.state_path)
         self._serving: ServedVersion | None = None
         self._deploy_lock = asyncio.Lock()
         self.last_error: str = ""
@@ -188,14 +155,14 @@ class Deployment:
             self._serving.retire()
             self._serving = None
 
-    async def deploy(self, version: int) -> DeploymentState:
+    async def deploy(self, version: int) -> ServingState:
         async with self._deploy_lock:
             if self._serving is not None and self._serving.version == version:
                 return self.state
             await self._swap_to(version, persist=True)
             return self.state
 
-    async def rollback(self) -> DeploymentState:
+    async def rollback(self) -> ServingState:
         async with self._deploy_lock:
             if self.state.previous is None:
                 raise NothingToRollBack("there is no previous version to roll back to")
@@ -212,7 +179,7 @@ class Deployment:
         loaded = await asyncio.get_running_loop().run_in_executor(self.executor, self.runtime.load, self.repo, version)
         old = self._serving
         if persist:
-            state = DeploymentState(serving=version, previous=old.version if old else self.state.serving,
+            state = ServingState(serving=version, previous=old.version if old else self.state.serving,
                                     history=(self.state.history + [version])[-self.history_limit:])
             try:
                 state.write(self.state_path)
@@ -221,7 +188,7 @@ class Deployment:
                 raise
             self.state = state
         elif self.state.serving != version:  # startup without (a usable) state file
-            self.state = DeploymentState(serving=version, previous=None,
+            self.state = ServingState(serving=version, previous=None,
                                          history=(self.state.history + [version])[-self.history_limit:])
         self._serving = ServedVersion(loaded)  # the swap: one reference assignment
         self.last_error = ""

@@ -25,6 +25,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from fuseloop.bus import EventBus
 from fuseloop.events import now_ms
 from fuseloop.repository import ModelRepository
+from fuseloop.tls import listen
 from fuseloop.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from services.inference.admin import AdminAuth, AdminService
 from services.inference.config import InferenceServiceConfig
@@ -114,9 +115,7 @@ class InferenceServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, ADMIN_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{c.host}:{c.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {c.host}:{c.port}")
+        self.port = listen(server, f"{c.host}:{c.port}", c.tls)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.deployment.on_swap(self._swapped)
         await server.start()
