@@ -55,7 +55,7 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     from services.feedback.server import FeedbackServer, FeedbackServiceConfig
     from services.inference.config import InferenceServiceConfig
-    from services.inference.runtime.onnx_runtime import OnnxRuntime
+    from services.inference.runtime.onnx_runtime import OnnxRuntime, OnnxRuntimeConfig
     from services.inference.server import InferenceServer, ServerThread
 
     t_start = time.perf_counter()
@@ -83,7 +83,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     admin_token, app_token = secrets.token_hex(16), secrets.token_hex(16)
     log(f"[3/4] starting the services on the {bus_url.split(':')[0]} bus")
     inference = ServerThread(InferenceServer(
-        InferenceServiceConfig(port=0, admin_token=admin_token, topics=topics), OnnxRuntime(), repo, bus)).start()
+        InferenceServiceConfig(port=0, admin_token=admin_token, topics=topics),
+        OnnxRuntime(OnnxRuntimeConfig(intra_op_threads=1, allow_spinning=False)), repo, bus)).start()
     feedback = FeedbackServer(FeedbackServiceConfig(app_tokens={app_token: "demo-app"},
                                                     pseudonym_key=secrets.token_bytes(32), port=0, topics=topics),
                               bus).start()

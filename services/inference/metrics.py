@@ -6,15 +6,17 @@ from __future__ import annotations
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+from fuseloop.metrics import MetricsRegistry
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-class InferenceMetrics:
+class InferenceMetrics(MetricsRegistry):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         r = self.registry
         self.requests = Counter("fuseloop_inference_requests", "RPCs answered, by method and status code",
                                 ["method", "code"], registry=r)
@@ -43,7 +45,6 @@ class InferenceMetrics:
         self._window_start = time.monotonic()
         self._window_tokens = 0
         self._lock = threading.Lock()
-        self._http = None
 
     def count_tokens(self, n: int) -> None:
         self.tokens.inc(n)
@@ -53,17 +54,3 @@ class InferenceMetrics:
             if now - self._window_start >= 1.0:
                 self.tokens_per_second.set(self._window_tokens / (now - self._window_start))
                 self._window_start, self._window_tokens = now, 0
-
-    def serve_http(self, host: str, port: int) -> int:
-        """Starts /metrics on its own thread; returns the bound port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
-
-    def stop_http(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)

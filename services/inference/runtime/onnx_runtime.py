@@ -19,6 +19,9 @@ class OnnxRuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 0  # 0: ORT decides
     inter_op_threads: int = 1
+    # Spinning worker threads cut latency on a dedicated box but steal the CPU from anything
+    # sharing it (the demo trains in the same process on 2 cores).
+    allow_spinning: bool = True
 
 
 def session_providers(device: str) -> list[str]:
@@ -79,6 +82,9 @@ class OnnxRuntime(ModelRuntime):
         opts.intra_op_num_threads = self.config.intra_op_threads
         opts.inter_op_num_threads = self.config.inter_op_threads
         opts.log_severity_level = 3
+        if not self.config.allow_spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return opts
 
     def load(self, repo: ModelRepository, version: int) -> OnnxVersion:
