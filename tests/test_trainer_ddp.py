@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import sqlite3
 import subprocess
@@ -17,15 +16,12 @@ import torch
 import torch.multiprocessing as mp
 
 from fuseloop.bus import TopicConfig
-from fuseloop.bus.sqlite import SqliteBus, SqliteBusConfig, partition_for
+from fuseloop.bus.sqlite import SqliteBus, SqliteBusConfig
 from fuseloop.checkpoint import Checkpoint
-from fuseloop.demo.simulated_users import Shown, SimulatedUser, UserModel
-from fuseloop.events import new_id, now_ms
-from fuseloop.model import generate
+from fuseloop.events import new_id
 from fuseloop.repository import ModelRepository
-from fuseloop.scenes import GoldOracle, make_examples, png_bytes, render
-from fuseloop.v1 import events_pb2
-from services.inference.events import ResponseRecord, build_event
+from fuseloop.scenes import make_examples, png_bytes, render
+from tests.traffic_factory import publish_traffic
 from trainer.batches import ContextTensors
 from trainer.distributed import GlooGroup, check_copartitioned, state_sha256
 from trainer.policy_gradient import PolicyGradientConfig, train_policy
@@ -40,42 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def simulated_traffic(ckpt: Checkpoint, requests: int, users: int, seed: int = 0):
-    """(inference events, feedback events) as the services would publish them: the quick policy
-    answers (1 or 2 sampled candidates), simulated users react; both keyed by session id."""
-    rng = random.Random(seed)
-    crowd = [SimulatedUser(f"user-{i}", UserModel(), GoldOracle(), random.Random(seed + i)) for i in range(users)]
-    examples = make_examples(requests, seed=seed + 11)
-    who = [crowd[rng.randrange(users)] for _ in examples]
-    n = [2 if u.wants_pair() else 1 for u in who]
-    images = [png_bytes(render(e.scene)) for e in examples]
-    pre, policy = ckpt.preprocessor, ckpt.policy
-    rows = [i for i, k in enumerate(n) for _ in range(k)]
-    px = torch.from_numpy(pre.images([images[i] for i in rows]))
-    ids, mask = pre.prompts([examples[i].prompt for i in rows])
-    tokens, logps = generate(policy, px, torch.from_numpy(ids), torch.from_numpy(mask), 32, 1.0, 1.0,
-                             torch.Generator().manual_seed(seed))
-    sampled = iter(zip(tokens.tolist(), logps.tolist()))
-    inference, feedback = [], []
-    for i, (ex, user) in enumerate(zip(examples, who)):
-        records, shown = [], []
-        for pos in range(n[i]):
-            toks, lps = next(sampled)
-            length = toks.index(pre.eos_id) + 1 if pre.eos_id in toks else len(toks)
-            rec = ResponseRecord(new_id(), pre.decode(toks), toks[:length], lps[:length], None, pos)
-            records.append(rec)
-            shown.append(Shown(rec.response_id, rec.text, pos))
-        ev = build_event(request_id=new_id(), model_version=2, prompt=ex.prompt, image=images[i],
-                         image_max_bytes=1 << 20, responses=records,
-                         sampling=events_pb2.SamplingParams(max_new_tokens=32, temperature=1.0, top_p=1.0),
-                         timestamp_ms=now_ms(), session_id=user.session_id)
-        inference.append(ev)
-        for fb in user.react(ex, shown):
-            fb.app_id, fb.schema_version = "test-app", 1
-            feedback.append(fb)
-    return inference, feedback
 
 
 def rows(db: Path, sql: str) -> list:
@@ -147,12 +107,10 @@ def test_a_rank_without_data_takes_the_same_steps_and_ends_identical(quick_run_d
 
 @pytest.mark.slow
 def test_two_ranks_share_the_partitions_stay_in_lockstep_and_rank0_publishes(quick_checkpoint, repo_copy, tmp_path):
-    inference, feedback = simulated_traffic(quick_checkpoint, requests=160, users=12)
-    topics = TopicConfig()
     bus_path = tmp_path / "bus.db"
     bus = SqliteBus(SqliteBusConfig(str(bus_path), partitions=4))
-    bus.publish_many(topics.inference, [(e.session_id.encode(), e.SerializeToString()) for e in inference])
-    bus.publish_many(topics.feedback, [(e.session_id.encode(), e.SerializeToString()) for e in feedback])
+    traffic = publish_traffic(bus, TopicConfig(), quick_checkpoint, requests=160, users=16)
+    inference, feedback = traffic.inference, traffic.feedback
     bus.close()
 
     workdir = tmp_path / "trainer"

@@ -16,12 +16,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fuseloop.bus import EventBus, TopicConfig
+from fuseloop.rpc_decoding import safe_deserializer
 from fuseloop.tls import TlsConfig, listen
 from fuseloop.v1 import events_pb2, feedback_pb2
 from services.feedback.app_tokens import AppTokens
 from services.feedback.metrics import FeedbackMetrics
 from services.feedback.pseudonym import Pseudonymizer
-from services.feedback.service import FeedbackService, safe_deserializer
+from services.feedback.service import FeedbackService
 from services.feedback.validation import FeedbackLimits
 
 SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name

@@ -11,13 +11,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 from fuseloop.bus import BusError, BusFull, EventBus, EventDeduper, dedupe_key
 from fuseloop.events import EVENT_SCHEMA_VERSION, now_ms
+from fuseloop.rpc_decoding import Malformed
 from fuseloop.v1 import events_pb2, feedback_pb2
 from services.feedback.app_tokens import AppTokens, Unauthenticated
 from services.feedback.metrics import FeedbackMetrics
@@ -25,25 +25,6 @@ from services.feedback.pseudonym import Pseudonymizer
 from services.feedback.validation import FeedbackLimits, InvalidFeedback, check_event
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Malformed:
-    """Stands in for a request whose bytes are not a valid protobuf message."""
-
-    error: str
-
-
-def safe_deserializer(message_type: type[Message]) -> Callable[[bytes], Message | Malformed]:
-    """gRPC turns a deserializer's exception into INTERNAL; this lets the handler answer INVALID_ARGUMENT."""
-
-    def deserialize(data: bytes) -> Message | Malformed:
-        try:
-            return message_type.FromString(data)
-        except DecodeError as e:
-            return Malformed(f"the request is not a valid {message_type.DESCRIPTOR.full_name}: {e}")
-
-    return deserialize
 
 
 class FeedbackService:
@@ -99,7 +80,7 @@ class FeedbackService:
         accepted = duplicates = received = 0
         pending: list[events_pb2.FeedbackEvent] = []
         async for request in requests:
-            problem = request.error if isinstance(request, Malformed) else None
+            problem = request.reason if isinstance(request, Malformed) else None
             if problem is None:
                 try:
                     self._prepare_or_raise(request, app_id)
@@ -130,7 +111,7 @@ class FeedbackService:
 
     async def _well_formed(self, request: Message | Malformed, context: grpc.aio.ServicerContext) -> Message:
         if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         return request
 
     async def _prepare(self, event: events_pb2.FeedbackEvent, app_id: str, context: grpc.aio.ServicerContext, where: str) -> None:

@@ -9,22 +9,8 @@ import inspect
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
-from google.protobuf.message import DecodeError
 
-
-class Malformed:
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-def _deserializer(message_class):
-    def deserialize(data: bytes):
-        try:
-            return message_class.FromString(data)
-        except DecodeError as e:
-            return Malformed(f"the request is not a valid {message_class.DESCRIPTOR.full_name}: {e}")
-
-    return deserialize
+from fuseloop.rpc_decoding import Malformed, safe_deserializer
 
 
 def _unary_request(impl, server_streaming: bool):
@@ -78,6 +64,6 @@ def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescr
             continue
         factory = grpc.unary_stream_rpc_method_handler if streaming_out else grpc.unary_unary_rpc_method_handler
         handler = _unary_request(impl, streaming_out) if implemented else _unimplemented(name, streaming_out)
-        handlers[method.name] = factory(handler, request_deserializer=_deserializer(request_class),
+        handlers[method.name] = factory(handler, request_deserializer=safe_deserializer(request_class),
                                         response_serializer=response_class.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
