@@ -10,12 +10,16 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_curves(path: Path, title: str, curves: dict[str, list[float]], xlabel: str = "step") -> Path:
-    """One panel per curve, side by side."""
+def plot_curves(path: Path, title: str, curves: dict[str, list[float] | tuple[list, list[float]]],
+                xlabel: str = "step") -> Path:
+    """One panel per curve, side by side; a curve is ys (x = 0, 1, ...) or (xs, ys)."""
     n = max(1, len(curves))
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
-    for ax, (name, ys) in zip(axes[0], curves.items()):
-        ax.plot(range(len(ys)), ys, marker="o" if len(ys) < 30 else None)
+    for ax, (name, curve) in zip(axes[0], curves.items()):
+        xs, ys = curve if isinstance(curve, tuple) else (list(range(len(curve))), curve)
+        ax.plot(xs, ys, marker="o" if len(ys) < 30 else None)
+        if len(ys) < 30:
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(name)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)

@@ -22,9 +22,9 @@ class PolicyGradientConfig:
     steps: int = 40
     prompts_per_step: int = 32
     samples_per_prompt: int = 4  # k, for the leave-one-out baseline
-    lr: float = 5e-4
+    lr: float = 3e-4
     temperature: float = 1.0
-    kl_beta: float = 0.05
+    kl_beta: float = 0.1
     kl_budget: float = 3.0  # nats per response, mean over a batch; updates stop past it
     demo_weight: float = 0.5  # supervised term on corrections
     demo_batch: int = 16

@@ -30,9 +30,10 @@ def print_round_table(rounds: list[dict], base_gold: float, log=print) -> None:
 def write_report_png(path: Path, result: dict) -> Path:
     rounds = result["rounds"]
 
-    def series(key: str, base=None) -> list[float]:
-        vals = [float("nan") if r[key] is None else r[key] for r in rounds]
-        return ([base] if base is not None else []) + vals
+    def series(key: str, base=None) -> tuple[list[int], list[float]]:
+        xs = [r["round"] for r in rounds]
+        ys = [float("nan") if r[key] is None else r[key] for r in rounds]
+        return ([0] + xs, [base] + ys) if base is not None else (xs, ys)
 
     return plot_curves(path, "fuseloop demo: the model getting better", {
         "gold accuracy (test split, greedy)": series("gold_accuracy", result["base_gold_accuracy"]),
