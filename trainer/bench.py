@@ -6,13 +6,17 @@ constant lr, grad-norm clip 1.0) and number of training examples. Both are score
 function (`evaluate_pairs`) on the same held-out pairs, split by request as the trainer splits.
 
 The initial reward model is `RewardModel.from_policy` of a supervised base policy with a fresh head
-(as the trainer starts): from a fresh trunk neither learns image grounding within a few epochs.
-The base policy is pretrained once (about 300 steps) and cached, or given with --checkpoint.
+(as pretraining builds the first reward model): from a fresh trunk neither learns image grounding
+within a few epochs. The base policy is pretrained once (300 steps) and cached, or given with
+--checkpoint. What still differs: `train_reward` draws minibatches with replacement, TRL walks
+shuffled epochs; transformers' AdamW exempts biases and LayerNorm weights from weight decay.
+Held-out accuracy after a few epochs moves by several points with the training order alone, so
+compare accuracies over several seeds (--seeds N).
 
 How TRL is fed: `RewardTrainer` calls `model(**batch)` and reads `.logits` (chosen rows first,
 then rejected rows). `TRLRewardModel` is a thin `transformers.PreTrainedModel` around our
-`RewardModel`, and `ImagePreferenceCollator` adds the image and prompt tensors to TRL's padded
-(chosen; rejected) response ids. `compute_loss` is TRL's own, unchanged.
+`RewardModel`, and a collator adds the image and prompt tensors to TRL's padded (chosen; rejected)
+response ids, pre-tokenized as TRL's own preprocessing does. `compute_loss` is TRL's, unchanged.
 
 Timing: wall seconds are end to end from pairs to trained model. fuseloop's include its two
 held-out evaluations (before/after, part of `train_reward`); TRL's include building the dataset
@@ -21,6 +25,7 @@ and the trainer (accelerate set-up). examples/s = training examples / wall secon
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -99,10 +104,11 @@ def base_checkpoint(cfg: BenchConfig, checkpoint: str | None) -> Checkpoint:
 
 # -- the two contenders ------------------------------------------------------------------------------
 
-def run_fuseloop(reward: RewardModel, pre: Preprocessor, data: TrainingSet, cfg: BenchConfig, n_train: int) -> dict:
+def run_fuseloop(reward: RewardModel, pre: Preprocessor, data: TrainingSet, cfg: BenchConfig, n_train: int,
+                 seed: int) -> dict:
     steps = math.ceil(cfg.epochs * n_train / cfg.batch_size)
     rcfg = RewardTrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, heldout_share=cfg.heldout_share,
-                             seed=cfg.seed)
+                             seed=seed)
     t0 = time.perf_counter()
     result = train_reward(reward, data, ContextTensors(pre), rcfg)
     wall = time.perf_counter() - t0
@@ -110,7 +116,8 @@ def run_fuseloop(reward: RewardModel, pre: Preprocessor, data: TrainingSet, cfg:
             "final_loss": float(np.mean(result["loss"][-10:]))}
 
 
-def run_trl(reward: RewardModel, pre: Preprocessor, train_pairs: list, cfg: BenchConfig, workdir: str) -> dict:
+def run_trl(reward: RewardModel, pre: Preprocessor, train_pairs: list, cfg: BenchConfig, seed: int,
+            workdir: str) -> dict:
     import datasets
     from transformers import PretrainedConfig, PreTrainedModel
     from transformers.modeling_outputs import SequenceClassifierOutput
@@ -155,13 +162,14 @@ def run_trl(reward: RewardModel, pre: Preprocessor, train_pairs: list, cfg: Benc
     args = RewardConfig(
         output_dir=workdir, per_device_train_batch_size=cfg.batch_size, num_train_epochs=cfg.epochs,
         learning_rate=cfg.lr, lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0,
-        optim="adamw_torch", seed=cfg.seed, data_seed=cfg.seed, use_cpu=True, report_to="none",
+        optim="adamw_torch", seed=seed, data_seed=seed, use_cpu=True, report_to="none",
         save_strategy="no", logging_strategy="no", remove_unused_columns=False, dataloader_num_workers=0,
-        disable_dropout=False, max_length=None, gradient_checkpointing=False)
+        disable_dropout=False, max_length=None, gradient_checkpointing=False, bf16=False)  # RewardConfig: bf16 on
     model = TRLRewardModel(reward)
     trainer = RewardTrainer(model=model, args=args, data_collator=collate, train_dataset=dataset,
                             processing_class=pre.tokenizer)
-    out = trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its final metrics: keep stdout for ours
+        out = trainer.train()
     wall = time.perf_counter() - t0
     return {"examples": cfg.epochs * len(train_pairs), "steps": out.global_step, "wall_s": wall,
             "train_loop_s": out.metrics.get("train_runtime"), "final_loss": out.training_loss}
@@ -176,7 +184,9 @@ def warm_up() -> None:
     torch.optim.AdamW([p]).step()
 
 
-def run(cfg: BenchConfig, workdir: str, checkpoint: str | None = None) -> dict:
+def run(cfg: BenchConfig, workdir: str, checkpoint: str | None = None, seeds: int = 1) -> dict:
+    """Each contender trains `seeds` times from the same initial weights (training-order seeds
+    cfg.seed, cfg.seed + 1, ...), alternating, so load drift on the machine hits both alike."""
     base = base_checkpoint(cfg, checkpoint)
     data = preference_pairs(cfg)
     train_pairs, held_pairs = split(data.pairs, cfg.heldout_share)
@@ -185,38 +195,53 @@ def run(cfg: BenchConfig, workdir: str, checkpoint: str | None = None) -> dict:
     warm_up()
     print(f"{len(train_pairs)} training pairs ({cfg.label_noise:.0%} flipped), {len(held_pairs)} held-out pairs; "
           f"reward model {count_parameters(init):,} parameters; {cfg.epochs} epochs, batch {cfg.batch_size}, "
-          f"lr {cfg.lr}", file=sys.stderr)
+          f"lr {cfg.lr}; {seeds} seed(s)", file=sys.stderr)
     before = evaluate_pairs(init, ContextTensors(pre), held_pairs)["pairwise_accuracy"]
-    results = {}
-    for name in ("fuseloop", "trl"):
-        model = copy.deepcopy(init)
-        torch.manual_seed(cfg.seed)
-        if name == "fuseloop":
-            r = run_fuseloop(model, pre, data, cfg, len(train_pairs))
-        else:
-            r = run_trl(model, pre, train_pairs, cfg, workdir)
-        heldout = evaluate_pairs(model, ContextTensors(pre), held_pairs)
-        r.update(examples_per_s=r["examples"] / r["wall_s"], heldout_pairwise_accuracy=heldout["pairwise_accuracy"],
-                 heldout_calibration_ece=heldout["calibration_ece"])
-        results[name] = r
-    return {"config": asdict(cfg), "train_pairs": len(train_pairs),
-            "heldout_pairs": len(held_pairs), "heldout_accuracy_before": before, "torch_threads": torch.get_num_threads(),
-            "results": results}
+    runs: dict[str, list[dict]] = {"fuseloop": [], "trl": []}
+    for seed in range(cfg.seed, cfg.seed + seeds):
+        for name, contender in runs.items():
+            model = copy.deepcopy(init)
+            torch.manual_seed(seed)
+            if name == "fuseloop":
+                r = run_fuseloop(model, pre, data, cfg, len(train_pairs), seed)
+            else:
+                r = run_trl(model, pre, train_pairs, cfg, seed, workdir)
+            heldout = evaluate_pairs(model, ContextTensors(pre), held_pairs)
+            contender.append({**r, "seed": seed, "heldout_pairwise_accuracy": heldout["pairwise_accuracy"],
+                              "heldout_calibration_ece": heldout["calibration_ece"]})
+    return {"config": asdict(cfg), "train_pairs": len(train_pairs), "heldout_pairs": len(held_pairs),
+            "heldout_accuracy_before": before, "torch_threads": torch.get_num_threads(),
+            "results": {name: summarize(rs) for name, rs in runs.items()}}
+
+
+def summarize(runs: list[dict]) -> dict:
+    acc = [r["heldout_pairwise_accuracy"] for r in runs]
+    wall = sum(r["wall_s"] for r in runs)
+    return {"examples": runs[0]["examples"], "steps": runs[0]["steps"], "wall_s": wall / len(runs),
+            "examples_per_s": sum(r["examples"] for r in runs) / wall,
+            "heldout_pairwise_accuracy": float(np.mean(acc)), "accuracy_by_seed": acc,
+            "heldout_calibration_ece": float(np.mean([r["heldout_calibration_ece"] for r in runs])), "runs": runs}
 
 
 def print_table(report: dict) -> None:
+    n, seeds = report["heldout_pairs"], len(report["results"]["fuseloop"]["runs"])
     print(f"reward-model training: {report['train_pairs']} pairs x {report['config']['epochs']} epochs, "
-          f"held-out {report['heldout_pairs']} pairs (accuracy before training {report['heldout_accuracy_before']:.3f})")
-    print(f"{'':10} {'examples':>9} {'steps':>6} {'wall s':>8} {'examples/s':>11} {'held-out acc':>13} {'ECE':>6}")
+          f"batch {report['config']['batch_size']}, lr {report['config']['lr']}, {seeds} seed(s); held-out {n} pairs "
+          f"(accuracy before training {report['heldout_accuracy_before']:.3f})")
+    print(f"{'':10} {'examples':>9} {'steps':>6} {'wall s':>8} {'examples/s':>11} {'held-out acc':>13} {'ECE':>6}"
+          f"  {'acc by seed' if seeds > 1 else ''}")
     for name, r in report["results"].items():
+        by_seed = " ".join(f"{a:.3f}" for a in r["accuracy_by_seed"]) if seeds > 1 else ""
         print(f"{name:10} {r['examples']:>9} {r['steps']:>6} {r['wall_s']:>8.1f} {r['examples_per_s']:>11.0f} "
-              f"{r['heldout_pairwise_accuracy']:>13.3f} {r['heldout_calibration_ece']:>6.3f}")
+              f"{r['heldout_pairwise_accuracy']:>13.3f} {r['heldout_calibration_ece']:>6.3f}  {by_seed}")
     ours, trl = report["results"]["fuseloop"], report["results"]["trl"]
-    print(f"fuseloop / TRL: throughput x{ours['examples_per_s'] / trl['examples_per_s']:.2f}, "
-          f"held-out accuracy {ours['heldout_pairwise_accuracy'] - trl['heldout_pairwise_accuracy']:+.3f}")
+    se = math.sqrt(0.25 / n)  # binomial, at most
+    print(f"fuseloop / TRL: throughput x{ours['examples_per_s'] / trl['examples_per_s']:.2f}, held-out accuracy "
+          f"{ours['heldout_pairwise_accuracy'] - trl['heldout_pairwise_accuracy']:+.3f} (one run's standard error "
+          f"<= {se:.3f} from the held-out size alone; the training order moves it more: --seeds N averages)")
 
 
-def main(json_output: bool = False, checkpoint: str | None = None) -> int:
+def main(json_output: bool = False, checkpoint: str | None = None, seeds: int = 1) -> int:
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -225,7 +250,7 @@ def main(json_output: bool = False, checkpoint: str | None = None) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="fuseloop-bench-train-") as workdir:
-        report = run(BenchConfig(), workdir, checkpoint)
+        report = run(BenchConfig(), workdir, checkpoint, seeds)
     if json_output:
         print(json.dumps(report, default=float))
     else:
@@ -239,5 +264,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--checkpoint", help="run directory of a base policy (default: pretrain one, cached)")
+    parser.add_argument("--seeds", type=int, default=1, help="training runs per contender (accuracy is noisy)")
     args = parser.parse_args()
-    raise SystemExit(main(args.json, args.checkpoint))
+    raise SystemExit(main(args.json, args.checkpoint, args.seeds))

@@ -68,7 +68,7 @@ def _models(args: argparse.Namespace) -> int:
 def _bench_train(args: argparse.Namespace) -> int:
     from trainer.bench import main as bench_main
 
-    return bench_main(json_output=args.json, checkpoint=args.checkpoint)
+    return bench_main(json_output=args.json, checkpoint=args.checkpoint, seeds=args.seeds)
 
 
 def add_parsers(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -99,4 +99,5 @@ def add_parsers(sub: argparse._SubParsersAction, bench: argparse._SubParsersActi
     p = bench.add_parser("train", help="reward-model training vs TRL's RewardTrainer")
     p.add_argument("--json", action="store_true")
     p.add_argument("--checkpoint", help="run directory of a base policy (default: pretrain one, cached)")
+    p.add_argument("--seeds", type=int, default=1, help="training runs per contender (accuracy is noisy)")
     p.set_defaults(func=_bench_train)

@@ -19,6 +19,14 @@ both halves of a session if it is given the same partition numbers on both topic
   number of ranks; this is checked at start.
 Feedback whose inference event is on another rank would otherwise wait and then be dead-lettered.
 
+Joining: every rank creates its consumer and meets the others at a barrier before anyone polls.
+The SQLite bus registers a member when the consumer is created, so the first poll already splits
+the partitions. kafka-python joins the group inside poll, so a rank may still read a partition in
+its first polls that the rebalance then hands to another rank: it commits only what it still
+owns, but it has stored those records too, and the new owner re-reads them (each store dedupes
+only its own). The barrier narrows that window without closing it; closing it needs a
+"join and wait for the assignment" step in the BusConsumer contract.
+
 Equal step counts: every collective is reached the same number of times on every rank. Signals a
 rank lacks but another has get a weight-0 stand-in (zero gradient, same forward/backward); prompts
 are borrowed when a rank has none; the KL-budget stop uses the mean over ranks.
@@ -30,6 +38,8 @@ import argparse
 import hashlib
 import json
 import os
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,10 +58,13 @@ OUTCOME = ("parent_version", "version", "deployed", "gate", "not_deployed_becaus
 class GlooGroup(ProcessGroup):
     """torchrun's processes (env:// rendezvous) on the gloo backend, CPU."""
 
-    def __init__(self, backend: str = "gloo") -> None:
+    def __init__(self, backend: str = "gloo", keepalive: Callable[[], object] | None = None) -> None:
         dist.init_process_group(backend)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.trained: dict[str, torch.nn.Module] = {}  # the last modules wrapped, by class, for checksums
+        # Called while a reduction waits for slower ranks: a rank done ingesting keeps its bus
+        # membership alive, or a rank still polling would take over its partitions.
+        self.keepalive = keepalive
 
     def close(self) -> None:
         dist.destroy_process_group()
@@ -66,7 +79,11 @@ class GlooGroup(ProcessGroup):
 
     def _reduce(self, value: float, op: dist.ReduceOp) -> float:
         t = torch.tensor([float(value)], dtype=torch.float64)
-        dist.all_reduce(t, op=op)
+        work = dist.all_reduce(t, op=op, async_op=True)
+        while self.keepalive is not None and not work.is_completed():
+            self.keepalive()
+            time.sleep(0.2)
+        work.wait()
         return float(t.item())
 
     def total(self, value: float) -> float:
@@ -167,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         check_copartitioned(bus, group.world_size)
         deployer = make_deployer(args.deploy_to, args.admin_token) if group.is_leader else None
         trainer = Trainer(config, bus, ModelRepository(Path(args.repo)), deployer=deployer, group=group)
+        group.keepalive = lambda: trainer.ingestor.consumer().position()
         for _ in range(args.rounds):
             # Join (or rejoin, after a long round) the group before anyone polls, so the first
             # poll already splits the partitions between all ranks.
