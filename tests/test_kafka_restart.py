@@ -73,9 +73,11 @@ def test_every_acknowledged_event_arrives_exactly_once_after_a_broker_restart(lo
         _wait_until(lambda: bus.spooled > 0 and sum(len(a.acked) for a in apps) > acked_before + 100, timeout_s=30)
         spooled_during_outage = bus.spooled
         local_kafka.start_broker()
-        _wait_until(lambda: bus.spooled == 0, timeout_s=30)
+        # A restarted 0.9 broker takes a while to elect partition leaders again, longer on a busy
+        # 2-core CI machine; what matters here is that the spool drains, not how fast.
+        _wait_until(lambda: bus.spooled == 0, timeout_s=120, what=lambda: f"{bus.spooled} events still spooled")
         acked_at_recovery = sum(len(a.acked) for a in apps)
-        _wait_until(lambda: sum(len(a.acked) for a in apps) >= acked_at_recovery + 300, timeout_s=30)
+        _wait_until(lambda: sum(len(a.acked) for a in apps) >= acked_at_recovery + 300, timeout_s=60)
         for app in apps:
             app.stop.set()
         for app in apps:
@@ -103,8 +105,8 @@ def test_every_acknowledged_event_arrives_exactly_once_after_a_broker_restart(lo
     assert not [f for app in apps for f in app.failures], "no call failed: the spool took over while Kafka was away"
 
 
-def _wait_until(condition, timeout_s: float) -> None:
+def _wait_until(condition, timeout_s: float, what=lambda: "") -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"timed out after {timeout_s}s {what()}"
         time.sleep(0.05)
