@@ -1,5 +1,5 @@
-"""The main job, small: the closed loop runs through the real services, and the gate only ever
-deploys a version the gold oracle scores higher than the one serving."""
+"""The main job, small: the closed loop runs through the real services, the model gets better,
+and the gate only ever deploys a version the gold oracle scores higher than the one serving."""
 
 import json
 
@@ -10,7 +10,7 @@ from fuseloop.repository import ModelRepository
 
 
 @pytest.mark.timeout(1200)
-def test_a_short_demo_runs_the_closed_loop_and_deploys_only_improvements(tmp_path, capsys):
+def test_a_short_demo_improves_the_model_and_deploys_only_improvements(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli(["demo", "--quick", "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -18,7 +18,7 @@ def test_a_short_demo_runs_the_closed_loop_and_deploys_only_improvements(tmp_pat
     rounds = result["rounds"]
     assert rounds and all({"gold_accuracy", "kl", "deployed", "events"} <= set(r) for r in rounds)
     first = rounds[0]
-    assert first["requests"] >= 250 and first["errors"] == 0
+    assert first["requests"] >= 500 and first["errors"] == 0
     assert first["events"]["preference"] > 0 and first["events"]["implicit"] > 0
     assert first["kl"] is not None and first["rm_pairwise_accuracy"] is not None  # it trained and was gated
     previous = result["base_gold_accuracy"]
@@ -30,5 +30,6 @@ def test_a_short_demo_runs_the_closed_loop_and_deploys_only_improvements(tmp_pat
         else:
             assert r["gate"], "a candidate that was not deployed says why"
         previous = r["gold_accuracy"]
-    assert result["final_gold_accuracy"] >= result["base_gold_accuracy"]
+    assert any(r["deployed"] for r in rounds), "one round of feedback yields a better, deployed version"
+    assert result["final_gold_accuracy"] > result["base_gold_accuracy"]
     assert (out / "report.png").exists() and (out / "trainer" / "rounds.csv").exists()

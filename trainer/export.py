@@ -7,6 +7,7 @@ config.pbtxt is written through Triton's own ModelConfig protobuf, not string te
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import tempfile
 import time
 import warnings
@@ -77,6 +78,8 @@ def example_inputs(ckpt: Checkpoint, batch: int = 2, prompt_len: int = 5, past_l
 
 
 def _export(module: torch.nn.Module, inputs: dict, outputs: list[str], dynamic: dict, path: Path) -> None:
+    # The exporter logs one line per torchvision op it can't register; this model uses none of them.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # optimize=False keeps every weight an initializer named after its parameter, which is what

@@ -30,7 +30,7 @@ class PretrainConfig:
     n_train: int = 6000
     n_test: int = 600
     bias_rate: float = 0.7  # share of wrong labels on the annotator's biased conditions
-    steps: int = 800
+    steps: int = 2000  # fewer leave the base unable to tie a question's shape to the right object
     batch_size: int = 64
     lr: float = 3e-3
     reward_steps: int = 300

@@ -31,7 +31,7 @@ from trainer.round import TrainConfig, Trainer
 class DemoConfig:
     rounds: int = 3
     users: int = 6
-    requests_per_round: int = 900
+    requests_per_round: int = 1200
     bus: str | None = None  # default: an embedded SQLite bus under `out`
     out: Path = Path("demo-out")
     gold_examples: int = 400
@@ -43,13 +43,15 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, out: Path) -> "DemoConfig":
-        """Small settings for tests: about a minute or two."""
+        """Small settings for tests: one round, about three minutes. The base keeps its full
+        pretraining: a base too weak to tie a question to the right object gives users' feedback
+        nothing systematic to correct."""
         from trainer.policy_gradient import PolicyGradientConfig
         from trainer.reward_training import RewardTrainConfig
 
-        return cls(rounds=1, users=4, requests_per_round=250, out=out, gold_examples=200,
-                   pretrain=replace(PretrainConfig(), n_train=3000, steps=400, reward_steps=60),
-                   train={"reward": RewardTrainConfig(steps=60), "policy": PolicyGradientConfig(steps=25)})
+        return cls(rounds=1, users=4, requests_per_round=500, out=out, gold_examples=300,
+                   pretrain=replace(PretrainConfig(), n_test=200),
+                   train={"reward": RewardTrainConfig(steps=200), "policy": PolicyGradientConfig(steps=30)})
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
