@@ -10,10 +10,11 @@ from trainer.signals import Context
 
 
 class ContextTensors:
-    """Decodes each distinct image once; gives batched tensors for lists of contexts."""
+    """Decodes each distinct image and tokenizes each distinct text once; gives batched tensors
+    for lists of contexts."""
 
     def __init__(self, pre: Preprocessor) -> None:
-        self.pre = pre
+        self.pre = pre.memoized(maxsize=None)
         self._pixels: dict[bytes, np.ndarray] = {}
 
     def pixels(self, contexts: list[Context]) -> torch.Tensor:

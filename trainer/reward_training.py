@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import functools
 import hashlib
 import random
 from dataclasses import dataclass
@@ -77,18 +75,6 @@ def evaluate_pairs(reward: RewardModel, tensors: ContextTensors, pairs: list) ->
             "calibration_ece": calibration_error(diffs)}
 
 
-def tokenizing_once(tensors: ContextTensors) -> ContextTensors:
-    """`tensors` (sharing its decoded images) whose preprocessor tokenizes each distinct prompt and
-    response once: training revisits the same texts every pass, and re-tokenizing them was the
-    largest cost per step after the model itself."""
-    pre = copy.copy(tensors.pre)
-    pre.prompt_ids = functools.lru_cache(maxsize=None)(pre.prompt_ids)
-    pre.response_ids = functools.lru_cache(maxsize=None)(pre.response_ids)
-    out = copy.copy(tensors)
-    out.pre = pre
-    return out
-
-
 def _sample(items: list, n: int, rng: random.Random) -> list:
     return [items[rng.randrange(len(items))] for _ in range(n)] if items else []
 
@@ -97,7 +83,6 @@ def train_reward(reward: RewardModel, data: TrainingSet, tensors: ContextTensors
                  wrap=lambda m: m) -> dict:
     """Warm-started retrain. Each step draws a minibatch per signal and sums the weighted losses.
     `wrap` lets the caller put the model under DistributedDataParallel."""
-    tensors = tokenizing_once(tensors)
     pairs_train, pairs_held = split(data.pairs, cfg.heldout_share)
     before = evaluate_pairs(reward, tensors, pairs_held)
     rng = random.Random(cfg.seed)

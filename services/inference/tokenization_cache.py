@@ -17,17 +17,13 @@ from services.inference.runtime.base import LoadedVersion
 class VersionTokenization:
     def __init__(self, loaded: LoadedVersion, maxsize: int) -> None:
         pre = loaded.preprocessor
-        self.prompt_ids: Callable[[str], list[int]] = _copying(functools.lru_cache(maxsize)(pre.prompt_ids))
-        self.response_ids: Callable[[str], list[int]] = _copying(functools.lru_cache(maxsize)(pre.response_ids))
+        memoized = pre.memoized(maxsize)
+        self.prompt_ids: Callable[[str], list[int]] = memoized.prompt_ids
+        self.response_ids: Callable[[str], list[int]] = memoized.response_ids
         self._decode = functools.lru_cache(maxsize)(lambda ids: pre.decode(list(ids)))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._decode(tuple(ids))
-
-
-def _copying(fn: Callable[[str], list[int]]) -> Callable[[str], list[int]]:
-    # Callers may extend the lists they get; the cached ones must stay as they were.
-    return lambda text: list(fn(text))
 
 
 class TokenizationCache:
