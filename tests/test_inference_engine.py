@@ -14,7 +14,7 @@ import torch
 
 from fuseloop.model import sample_tokens
 from fuseloop.repository import ModelRepository
-from fuseloop.sampling import filtered_logprobs, sample_next, sequence_rng
+from fuseloop.sampling import filtered_logprobs, sample_next
 from fuseloop.scenes import make_split, png_bytes, render
 from services.inference.engine import EngineConfig, GenerationEngine, GenerationJob, SequenceSpec
 from services.inference.metrics import InferenceMetrics
@@ -53,13 +53,13 @@ class Results:
 
 def job_for(loaded, example, results, specs=None, **kw) -> GenerationJob:
     pre = loaded.preprocessor
-    specs = specs or [SequenceSpec(0.0, 1.0, 32, None)]
+    specs = specs or [SequenceSpec(0.0, 1.0, 32)]
     return GenerationJob(loaded, pre.image(png_bytes(render(example.scene))), pre.prompt_ids(example.prompt), specs,
                          on_done=results, **kw)
 
 
 def sampled(temperature: float, seed: int, n: int = 1, top_p: float = 1.0) -> list[SequenceSpec]:
-    return [SequenceSpec(temperature, top_p, 32, sequence_rng(seed, i)) for i in range(n)]
+    return [SequenceSpec(temperature, top_p, 32, seed, i) for i in range(n)]
 
 
 def run(engine: GenerationEngine, jobs: list[GenerationJob], results: Results, gap_s: float = 0.0) -> None:
@@ -177,7 +177,7 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_go_on(versions):
 def test_a_model_failure_fails_its_request_and_the_engine_keeps_serving(versions):
     loaded = versions[0]
     results = Results()
-    bad = GenerationJob(loaded, np.zeros((3, 32, 32), np.float32), [10_000], [SequenceSpec(0.0, 1.0, 4, None)],
+    bad = GenerationJob(loaded, np.zeros((3, 32, 32), np.float32), [10_000], [SequenceSpec(0.0, 1.0, 4)],
                         on_done=results)  # token id beyond the vocabulary: the encoder's Gather fails
     good = job_for(loaded, EXAMPLES[0], results)
     with_engine(lambda engine: (run(engine, [bad], results), run(engine, [good], results)))

@@ -60,7 +60,7 @@ def test_greedy_generation_through_the_engine_equals_pytorch_token_for_token(qui
     max_new = loaded.manifest.model_config["max_response_tokens"]
     done = threading.Semaphore(0)
     jobs = [GenerationJob(loaded, pre.image(png_bytes(render(e.scene))), pre.prompt_ids(e.prompt),
-                          [SequenceSpec(temperature=0.0, top_p=1.0, max_new_tokens=max_new, rng=None)],
+                          [SequenceSpec(temperature=0.0, top_p=1.0, max_new_tokens=max_new)],
                           on_done=lambda job, error: done.release())
             for e in examples]
     engine = GenerationEngine(EngineConfig(max_batch=8)).start()

@@ -149,14 +149,10 @@ def run_raw(runner: RawRunner, w: Workload, rpc: str, concurrency: int, seconds:
 
 # -- the service over gRPC -----------------------------------------------------------------------
 def _serve(repo: str, max_batch: int, threads: int, port_queue) -> None:
-    """Subprocess entry: the server with the given max batch, until terminated (set up as
-    `fuseloop serve inference` sets up its process)."""
-    from services.inference.cli import GIL_SWITCH_INTERVAL_MS, set_switch_interval
+    """Subprocess entry: the server with the given max batch, until terminated."""
     from services.inference.config import InferenceServiceConfig
     from services.inference.runtime import make_runtime
     from services.inference.server import InferenceServer
-
-    set_switch_interval(GIL_SWITCH_INTERVAL_MS)
 
     async def main() -> None:
         config = InferenceServiceConfig(port=0, max_batch=max_batch, score_max_batch=max_batch, max_queue=1024,
@@ -173,7 +169,8 @@ class ServerProcess:
     def __init__(self, repo: Path, max_batch: int, threads: int) -> None:
         ctx = mp.get_context("spawn")
         self.ports = ctx.Queue()
-        self.process = ctx.Process(target=_serve, args=(str(repo), max_batch, threads, self.ports), daemon=True)
+        # Not a daemon: the server starts its engine process.
+        self.process = ctx.Process(target=_serve, args=(str(repo), max_batch, threads, self.ports))
 
     def __enter__(self) -> str:
         self.process.start()

@@ -11,12 +11,13 @@ import asyncio
 import inspect
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import Protocol
 
 from fuseloop.repository import ModelRepository, RepositoryError, ServingState
-from services.inference.runtime.base import LoadedVersion, ModelRuntime
+from services.inference.runtime.base import LoadedVersion, ModelRuntime, RuntimeError_
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,21 @@ class NothingToRollBack(RuntimeError):
     """There is no previous version (FAILED_PRECONDITION)."""
 
 
+class VersionMirror(Protocol):
+    """Another process serving the versions this deployment serves (the engine process): each
+    version is loaded there before it serves, and dropped there when it is closed here."""
+
+    async def load(self, version: int) -> None: ...
+
+    def unload(self, version: int) -> None: ...
+
+
 class ServedVersion:
     """A loaded version with a count of the requests using it."""
 
-    def __init__(self, loaded: LoadedVersion) -> None:
+    def __init__(self, loaded: LoadedVersion, mirrors: Sequence[VersionMirror] = ()) -> None:
         self.loaded = loaded
+        self.mirrors = mirrors
         self._refs = 0
         self._retired = False
         self._lock = threading.Lock()
@@ -69,6 +80,8 @@ class ServedVersion:
 
     def _close(self) -> None:
         try:
+            for mirror in self.mirrors:
+                mirror.unload(self.version)
             self.loaded.close()
         except Exception:  # a runtime's cleanup failing must not fail the request that finished last
             log.exception("closing version %s failed", self.version)
@@ -101,10 +114,12 @@ class Deployment:
     """The serving version and the previous one. Deploys are serialized; reads are lock-free."""
 
     def __init__(self, repo: ModelRepository, runtime: ModelRuntime, executor: Executor,
-                 state_path: Path | None = None, history_limit: int = 50) -> None:
+                 state_path: Path | None = None, history_limit: int = 50,
+                 mirrors: Sequence[VersionMirror] = ()) -> None:
         self.repo = repo
         self.runtime = runtime
         self.executor = executor
+        self.mirrors = mirrors
         self.state_path = Path(state_path) if state_path else repo.serving_state_path
         self.history_limit = history_limit
         self.state = ServingState.read(self.state_path)
@@ -145,7 +160,7 @@ class Deployment:
             return
         try:
             await self._swap_to(version, persist=False)
-        except (RepositoryError, VersionNotFound, OSError) as e:
+        except (RepositoryError, VersionNotFound, RuntimeError_, OSError) as e:
             self.last_error = str(e)
             log.error("could not load version %s: %s", version, e)
 
@@ -177,6 +192,13 @@ class Deployment:
                                   f"(available: {', '.join(map(str, self.repo.versions())) or 'none'})")
         # Verify, load and warm off the event loop, beside the serving version.
         loaded = await asyncio.get_running_loop().run_in_executor(self.executor, self.runtime.load, self.repo, version)
+        served = ServedVersion(loaded, self.mirrors)
+        try:
+            for mirror in self.mirrors:
+                await mirror.load(version)
+        except BaseException:
+            served.retire()
+            raise
         old = self._serving
         if persist:
             state = ServingState(serving=version, previous=old.version if old else self.state.serving,
@@ -184,13 +206,13 @@ class Deployment:
             try:
                 state.write(self.state_path)
             except OSError:
-                loaded.close()
+                served.retire()
                 raise
             self.state = state
         elif self.state.serving != version:  # startup without (a usable) state file
             self.state = ServingState(serving=version, previous=None,
                                          history=(self.state.history + [version])[-self.history_limit:])
-        self._serving = ServedVersion(loaded)  # the swap: one reference assignment
+        self._serving = served  # the swap: one reference assignment
         self.last_error = ""
         if old is not None:
             old.retire()

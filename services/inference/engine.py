@@ -1,4 +1,5 @@
-"""Continuous-batching generation on a dedicated thread.
+"""Continuous-batching generation: one loop, on a thread of its own or (in the server) as the main
+thread of the engine process (`engine_process`).
 
 Between two decode steps, new requests join (encoded together first) and finished, expired or
 cancelled ones leave. Sequences are grouped by the model version their request started on, so a
@@ -11,7 +12,7 @@ and nothing is copied unless the group's membership changes. A row's real cache 
 lengths are right-padded and masked the same way.
 
 An idle engine takes the first request at once (waiting at most the max queue delay, and only
-for requests already being preprocessed). A busy one admits arrivals when there are enough to
+for requests it knows are being preprocessed: the engine process knows of none). A busy one admits arrivals when there are enough to
 encode together or the oldest has waited the max queue delay.
 """
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fuseloop.preprocessing import pad_right
-from fuseloop.sampling import sample_next
+from fuseloop.sampling import sample_next, sequence_rng
 from services.inference.metrics import InferenceMetrics
 from services.inference.queueing import Cancelled, DeadlineExceeded, ModelFailure, QueueClosed, RequestQueue
 from services.inference.runtime.base import LoadedVersion
@@ -35,12 +36,19 @@ from services.inference.runtime.base import LoadedVersion
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SequenceSpec:
+    """How one candidate is sampled. Plain numbers, so a spec crosses to the engine process cheaply;
+    the engine draws its uniforms from `sequence_rng(seed, index)` (None: unseeded)."""
+
     temperature: float
     top_p: float
     max_new_tokens: int
-    rng: random.Random | None  # uniforms for sampling (fuseloop.sampling.sequence_rng); None for greedy
+    seed: int | None = None
+    index: int = 0  # the candidate's index within its request
+
+    def sampler(self) -> random.Random | None:
+        return sequence_rng(self.seed, self.index) if self.temperature > 0 else None
 
 
 @dataclass
@@ -67,6 +75,7 @@ class GenerationJob:
         self.specs = specs
         self.on_done = on_done
         self.on_tokens = on_tokens
+        self.on_cancel: Callable[[], None] | None = None  # set by whoever runs the job elsewhere
         self.deadline = deadline
         self.size = len(specs)
         self.enqueued_at = 0.0
@@ -82,7 +91,10 @@ class GenerationJob:
 
     def cancel(self) -> None:
         """The caller gave up (client cancelled): the engine drops it before the next step."""
-        self._cancelled = True
+        if not self._cancelled and not self._finished:
+            self._cancelled = True
+            if self.on_cancel is not None:
+                self.on_cancel()
 
     def _finish(self, error: BaseException | None) -> None:
         if not self._finished:
@@ -135,7 +147,7 @@ class DecodeGroup:
         self.temperature = np.concatenate([self.temperature, [s.temperature for s in specs]])
         self.top_p = np.concatenate([self.top_p, [s.top_p for s in specs]])
         self.max_new = np.concatenate([self.max_new, np.array([s.max_new_tokens for s in specs], dtype=np.int64)])
-        self.rngs += [s.rng for s in specs]
+        self.rngs += [s.sampler() for s in specs]
         for j in jobs:
             self.jobs += [j] * j.size
             self.index += list(range(j.size))
@@ -188,18 +200,25 @@ class EngineConfig:
 
 
 class GenerationEngine:
+    """The engine loop, on a thread of its own (`start`) or on the caller's (`run`, as the engine
+    process does). `queue` is where jobs come from; `on_iteration` runs after every pass of the
+    loop (the engine process sends what the pass produced)."""
+
     def __init__(self, config: EngineConfig, metrics: InferenceMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, queue: RequestQueue[GenerationJob] | None = None,
+                 on_iteration: Callable[[], None] | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.clock = clock
-        self.queue: RequestQueue[GenerationJob] = RequestQueue(config.max_queue, config.max_queue_delay_s, clock)
+        self.queue: RequestQueue[GenerationJob] = (queue if queue is not None else
+                                                  RequestQueue(config.max_queue, config.max_queue_delay_s, clock))
+        self.on_iteration = on_iteration
         self.groups: dict[LoadedVersion, DecodeGroup] = {}
         self._thread: threading.Thread | None = None
 
     # -- the event loop's side ------------------------------------------------------------------
     def start(self) -> "GenerationEngine":
-        self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="generation-engine", daemon=True)
         self._thread.start()
         return self
 
@@ -219,7 +238,8 @@ class GenerationEngine:
         return sum(len(g) for g in self.groups.values())
 
     # -- the engine thread ----------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Runs until the queue is closed and every admitted sequence has finished."""
         while True:
             arrivals: list[GenerationJob] = []
             try:
@@ -240,6 +260,8 @@ class GenerationEngine:
                 if self.metrics:
                     self.metrics.active_sequences.set(self.active_sequences)
                     self.metrics.generate_queue_depth.set(len(self.queue))
+                if self.on_iteration is not None:
+                    self.on_iteration()
             except Exception as e:  # a bug here must fail the requests at hand, not stop the engine
                 log.exception("generation engine step failed")
                 failure = ModelFailure(f"generation failed: {e}")

@@ -3,7 +3,9 @@ one grpc.aio server, plus Prometheus metrics over HTTP.
 
 `InferenceServer` is built from its parts (runtime, repository, bus, config, clock) and started
 with `await start()` in the caller's event loop; `ServerThread` runs one on a thread of its own
-(tests, benchmarks). Health is NOT_SERVING until a version is loaded.
+(tests, benchmarks). Health is NOT_SERVING until a version is loaded, and again if the generation
+engine process exits. Generation runs in that child process (`engine_process`); everything else,
+scoring included, in this one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from fuseloop.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_
 from services.inference.admin import AdminAuth, AdminService
 from services.inference.config import InferenceServiceConfig
 from services.inference.deployment import Deployment
-from services.inference.engine import EngineConfig, GenerationEngine
+from services.inference.engine import EngineConfig
+from services.inference.engine_process import EngineProcess
 from services.inference.events import EventPublisher
 from services.inference.kserve import KServeModels, KServeService
 from services.inference.loop_bridge import LoopBridge
@@ -84,13 +87,15 @@ class InferenceServer:
         c = self.config
         self.executor = ThreadPoolExecutor(c.worker_threads, thread_name_prefix="inference-worker")
         self._started.append(lambda: self.executor.shutdown(wait=True))
-        self.deployment = Deployment(self.repo, self.runtime, self.executor, self.state_path)
+        self.engine = EngineProcess(self.runtime, self.repo,
+                                    EngineConfig(c.max_batch, c.max_queue_delay_ms / 1000, c.max_queue), self.metrics,
+                                    on_exit=self._engine_exited)
+        self._started.append(self.engine.stop)
+        await self.engine.start()
+        self.deployment = Deployment(self.repo, self.runtime, self.executor, self.state_path, mirrors=[self.engine])
         self._started.append(self.deployment.close)
         self.kserve_models = KServeModels(self.deployment, self.executor)
         self._started.append(self.kserve_models.close)
-        self.engine = GenerationEngine(EngineConfig(c.max_batch, c.max_queue_delay_ms / 1000, c.max_queue),
-                                       self.metrics, self.clock).start()
-        self._started.append(self.engine.stop)
         self.scorer = ScoreBatcher(c.score_max_batch, c.score_max_queue_delay_ms / 1000, c.score_max_queue,
                                    self.metrics, self.clock).start()
         self._started.append(self.scorer.stop)
@@ -154,6 +159,11 @@ class InferenceServer:
         self.metrics.serving_version.set(version)
         self.metrics.deploys.inc()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _engine_exited(self, error: BaseException) -> None:
+        """Nothing can generate any more: NOT_SERVING, so the orchestrator restarts the server."""
+        if self._server is not None:
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _set_health(self, status) -> None:
         for name in SERVING_NAMES:

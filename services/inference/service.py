@@ -2,7 +2,8 @@
 
 A request leases the serving version first and keeps it to the end (a hot swap never changes its
 model), checks and preprocesses its inputs with that version's preprocessor, then waits for the
-engine thread. Every failure becomes a gRPC status saying what was wrong.
+engine process (generation) or the scoring thread. Every failure becomes a gRPC status saying what
+was wrong.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import numpy as np
 
 from fuseloop.events import new_id, now_ms
 from fuseloop.preprocessing import InvalidInput, decode_image, image_array
-from fuseloop.sampling import sequence_rng
 from fuseloop.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.config import InferenceServiceConfig
 from services.inference.deployment import Deployment, NoServingVersion
-from services.inference.engine import GeneratedSequence, GenerationEngine, GenerationJob, SequenceSpec
+from services.inference.engine import GeneratedSequence, GenerationJob, SequenceSpec
+from services.inference.engine_process import EngineProcess
 from services.inference.events import EventPublisher, ResponseRecord, build_event
 from services.inference.loop_bridge import LoopBridge
 from services.inference.metrics import InferenceMetrics
@@ -79,7 +80,7 @@ async def abort_for(context: grpc.aio.ServicerContext, call: ObservedRpc, error:
 
 
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, config: InferenceServiceConfig, deployment: Deployment, engine: GenerationEngine,
+    def __init__(self, config: InferenceServiceConfig, deployment: Deployment, engine: EngineProcess,
                  scorer: ScoreBatcher, events: EventPublisher, metrics: InferenceMetrics, executor: Executor,
                  bridge: LoopBridge, clock: Callable[[], float] = time.monotonic,
                  wall_ms: Callable[[], int] = now_ms, shuffle: random.Random | None = None) -> None:
@@ -210,15 +211,14 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         return None if remaining is None else self.clock() + remaining
 
     def _specs(self, params: GenerateParams) -> list[SequenceSpec]:
-        return [SequenceSpec(params.temperature, params.top_p, params.max_new_tokens,
-                             sequence_rng(params.seed, i) if params.temperature > 0 else None)
+        return [SequenceSpec(params.temperature, params.top_p, params.max_new_tokens, params.seed, i)
                 for i in range(params.num_sequences)]
 
     async def _generate(self, arrival: Arrival, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int],
                         params: GenerateParams, context: grpc.aio.ServicerContext) -> list[GeneratedSequence]:
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         job = GenerationJob(loaded, pixels, prompt_ids, self._specs(params),
-                            on_done=lambda j, err: self.bridge.post(_settle, done, err),
+                            on_done=lambda j, err: _settle(done, err),  # on the loop (EngineProcess)
                             deadline=self._deadline(context))
         arrival.put(job)
         try:
@@ -234,8 +234,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         None when done (or the exception that ended it)."""
         steps: asyncio.Queue = asyncio.Queue()
         job = GenerationJob(loaded, pixels, prompt_ids, self._specs(params),
-                            on_done=lambda j, err: self.bridge.post(steps.put_nowait, err),
-                            on_tokens=lambda j, items: self.bridge.post(steps.put_nowait, items),
+                            on_done=lambda j, err: steps.put_nowait(err),
+                            on_tokens=lambda j, items: steps.put_nowait(items),
                             deadline=self._deadline(context))
         arrival.put(job)
         return job, steps

@@ -7,6 +7,7 @@ this interface; ONNX Runtime (in process) and Triton (over gRPC) sit behind it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 
@@ -62,6 +63,12 @@ class ModelRuntime(ABC):
     def load(self, repo: ModelRepository, version: int) -> LoadedVersion:
         """Verifies the version against its manifest, loads and warms it. Raises RepositoryError
         when the artifact doesn't match its manifest."""
+
+    @abstractmethod
+    def worker_factory(self) -> Callable[[], "ModelRuntime"]:
+        """A picklable recipe for the runtime another process (the engine process) uses to serve the
+        versions this one loads: the same settings, but it leaves the choice of what is loaded to
+        this one."""
 
     def close(self) -> None:
         """Releases everything."""

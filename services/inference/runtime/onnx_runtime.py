@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +78,9 @@ class OnnxRuntime(ModelRuntime):
 
     def __init__(self, config: OnnxRuntimeConfig = OnnxRuntimeConfig()) -> None:
         self.config = config
+
+    def worker_factory(self) -> Callable[[], "OnnxRuntime"]:
+        return functools.partial(OnnxRuntime, self.config)
 
     def _options(self) -> ort.SessionOptions:
         opts = ort.SessionOptions()

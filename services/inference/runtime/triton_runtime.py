@@ -26,9 +26,11 @@ Model control (explicit mode, `--model-control-mode=explicit`), and what Triton 
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -359,6 +361,10 @@ class TritonRuntime(ModelRuntime):
                     return False
                 time.sleep(self.config.ready_poll_s)
             return True
+
+    def worker_factory(self) -> Callable[[], "TritonRuntime"]:
+        # The worker only waits for what this runtime loads; it never loads or unloads on the server.
+        return functools.partial(TritonRuntime, replace(self.config, model_control=False))
 
     def close(self) -> None:
         """Closes the channel; what the server serves stays as it is (other replicas may use it)."""
