@@ -12,7 +12,7 @@ import functools
 import io
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -35,6 +35,12 @@ class PreprocessConfig:
     max_image_bytes: int = 4 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     image_formats: tuple[str, ...] = ("PNG", "JPEG")
+
+    def within(self, max_image_bytes: int, max_image_pixels: int) -> "PreprocessConfig":
+        """The same preprocessing with image limits no looser than these (a service's own limits
+        may be tighter than the ones a version was trained with)."""
+        return replace(self, max_image_bytes=min(self.max_image_bytes, max_image_bytes),
+                       max_image_pixels=min(self.max_image_pixels, max_image_pixels))
 
 
 def decode_image(data: bytes, config: PreprocessConfig) -> Image.Image:
@@ -60,6 +66,11 @@ def decode_image(data: bytes, config: PreprocessConfig) -> Image.Image:
     except Exception as e:  # PIL raises many types for corrupt data
         raise InvalidInput(f"image could not be decoded as PNG or JPEG: {e}") from None
     return img
+
+
+def image_pixels(data: bytes, config: PreprocessConfig) -> np.ndarray:
+    """Checked, decoded and normalized: PNG/JPEG bytes -> (3, H, W) float32."""
+    return image_array(decode_image(data, config), config)
 
 
 def image_array(img: Image.Image, config: PreprocessConfig) -> np.ndarray:
@@ -91,8 +102,9 @@ class Preprocessor:
         return out
 
     def image(self, image: bytes | Image.Image) -> np.ndarray:
-        img = decode_image(image, self.config) if isinstance(image, (bytes, bytearray)) else image
-        return image_array(img, self.config)
+        if isinstance(image, (bytes, bytearray)):
+            return image_pixels(image, self.config)
+        return image_array(image, self.config)
 
     def images(self, images: list[bytes | Image.Image]) -> np.ndarray:
         return np.stack([self.image(i) for i in images])

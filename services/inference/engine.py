@@ -66,11 +66,12 @@ class GenerationJob:
     `on_done(job, error)` and `on_tokens` are called on the engine thread; they must be quick.
     """
 
-    def __init__(self, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int], specs: list[SequenceSpec],
+    def __init__(self, loaded: LoadedVersion, pixels: np.ndarray | bytes, prompt_ids: list[int], specs: list[SequenceSpec],
                  on_done: Callable[["GenerationJob", BaseException | None], None],
                  deadline: float | None = None, on_tokens: TokenCallback | None = None) -> None:
         self.loaded = loaded
-        self.pixels = pixels  # (3, H, W) float32
+        # (3, H, W) float32; the engine process also takes the image still encoded and decodes it
+        self.pixels = pixels
         self.prompt_ids = prompt_ids
         self.specs = specs
         self.on_done = on_done

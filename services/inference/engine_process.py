@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fuseloop.preprocessing import InvalidInput, image_pixels
 from fuseloop.repository import ModelRepository
 from services.inference.engine import EngineConfig, GenerationEngine, GenerationJob, SequenceSpec
 from services.inference.metrics import InferenceMetrics
@@ -96,8 +97,9 @@ class EngineProcess:
     versions in step with the deployment (`load` before a version serves, `unload` after)."""
 
     def __init__(self, runtime: ModelRuntime, repo: ModelRepository, config: EngineConfig,
-                 metrics: InferenceMetrics, on_exit: Callable[[BaseException], object] | None = None,
-                 start_timeout_s: float = 120.0) -> None:
+                 metrics: InferenceMetrics, image_limits: tuple[int, int] = (1 << 62, 1 << 62),
+                 on_exit: Callable[[BaseException], object] | None = None, start_timeout_s: float = 120.0) -> None:
+        """image_limits: the service's (max bytes, max pixels) for images the child decodes."""
         self.config = config
         self.metrics = metrics
         self.on_exit = on_exit  # called on the event loop if the child exits unasked
@@ -114,7 +116,7 @@ class EngineProcess:
         down_r, self._down = ctx.Pipe(duplex=False)
         self._up, up_w = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=_child_main, name="fuseloop-engine", daemon=True,
-                                    args=(runtime.worker_factory(), str(repo.root), config, down_r, up_w))
+                                    args=(runtime.worker_factory(), str(repo.root), config, image_limits, down_r, up_w))
         self._child_ends = (down_r, up_w)
 
     @property
@@ -339,11 +341,13 @@ class PipeQueue(RequestQueue[GenerationJob]):
     """The child's engine queue, filled from the down pipe whenever the engine looks at it: between
     decode steps, or blocking while it is idle. Control messages are handled on the way."""
 
-    def __init__(self, capacity: int, pipe, handle: Callable[[str, object], None]) -> None:
+    def __init__(self, capacity: int, pipe, handle: Callable[[str, object], None],
+                 before_blocking: Callable[[], None]) -> None:
         super().__init__(capacity, 0.0)
         self._pipe = pipe
         self._readable = _Readable(pipe)
         self._handle = handle
+        self._before_blocking = before_blocking  # sends what handling messages produced (refusals)
 
     def drain(self, block: bool) -> None:
         try:
@@ -361,6 +365,7 @@ class PipeQueue(RequestQueue[GenerationJob]):
     def take(self, room: int, block: bool, admit_oversized: bool) -> tuple[list[GenerationJob], list[GenerationJob]]:
         self.drain(block=False)
         while block and not self._items and not self._closed:
+            self._before_blocking()
             self.drain(block=True)
         return super().take(room, False, admit_oversized)
 
@@ -368,9 +373,11 @@ class PipeQueue(RequestQueue[GenerationJob]):
 class EngineWorker:
     """The child: a GenerationEngine on its main thread, fed from the down pipe, reporting up."""
 
-    def __init__(self, runtime: ModelRuntime, repo: ModelRepository, config: EngineConfig, down, up) -> None:
+    def __init__(self, runtime: ModelRuntime, repo: ModelRepository, config: EngineConfig,
+                 image_limits: tuple[int, int], down, up) -> None:
         self.runtime = runtime
         self.repo = repo
+        self.image_limits = image_limits
         self.up = up
         self.versions: dict[int, LoadedVersion] = {}
         self.jobs: dict[int, GenerationJob] = {}
@@ -380,7 +387,7 @@ class EngineWorker:
         self._stats_sent = 0.0
         self._send_lock = threading.Lock()
         # The server bounds what it sends (ForwardingQueue); this queue never refuses.
-        queue = PipeQueue(1 << 30, down, self._handle)
+        queue = PipeQueue(1 << 30, down, self._handle, before_blocking=self._report)
         self.engine = GenerationEngine(config, self.observations, queue=queue, on_iteration=self._report)
 
     def run(self) -> None:
@@ -407,15 +414,21 @@ class EngineWorker:
             for job in self.engine.queue.close():
                 job._finish(QueueClosed("the server is shutting down"))
 
-    def _submit(self, jid: int, version: int, pixels: np.ndarray, prompt_ids: list[int], specs: list[SequenceSpec],
-                deadline: float | None, streams: bool) -> None:
+    def _submit(self, jid: int, version: int, pixels: np.ndarray | bytes, prompt_ids: list[int],
+                specs: list[SequenceSpec], deadline: float | None, streams: bool) -> None:
         loaded = self.versions.get(version)
-        job = GenerationJob(loaded, pixels, prompt_ids, specs, on_done=self._done, deadline=deadline,
-                            on_tokens=self._tokens if streams else None)
-        job.jid = jid
         if loaded is None:
             self.finished.append((jid, [], ModelFailure(f"version {version} is not loaded in the engine")))
             return
+        if isinstance(pixels, bytes):
+            try:
+                pixels = image_pixels(pixels, loaded.preprocessor.config.within(*self.image_limits))
+            except InvalidInput as e:
+                self.finished.append((jid, [], e))
+                return
+        job = GenerationJob(loaded, pixels, prompt_ids, specs, on_done=self._done, deadline=deadline,
+                            on_tokens=self._tokens if streams else None)
+        job.jid = jid
         self.jobs[jid] = job
         self.engine.queue.put(job)
 
@@ -455,11 +468,12 @@ class EngineWorker:
             self.engine.queue.close()
 
 
-def _child_main(runtime_factory: Callable[[], ModelRuntime], repo_root: str, config: EngineConfig, down, up) -> None:
+def _child_main(runtime_factory: Callable[[], ModelRuntime], repo_root: str, config: EngineConfig,
+                image_limits: tuple[int, int], down, up) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when the engine stops
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s engine-process %(name)s: %(message)s")
     runtime = runtime_factory()
     try:
-        EngineWorker(runtime, ModelRepository(Path(repo_root)), config, down, up).run()
+        EngineWorker(runtime, ModelRepository(Path(repo_root)), config, image_limits, down, up).run()
     finally:
         runtime.close()

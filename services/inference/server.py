@@ -89,7 +89,7 @@ class InferenceServer:
         self._started.append(lambda: self.executor.shutdown(wait=True))
         self.engine = EngineProcess(self.runtime, self.repo,
                                     EngineConfig(c.max_batch, c.max_queue_delay_ms / 1000, c.max_queue), self.metrics,
-                                    on_exit=self._engine_exited)
+                                    image_limits=(c.max_image_bytes, c.max_image_pixels), on_exit=self._engine_exited)
         self._started.append(self.engine.stop)
         await self.engine.start()
         self.deployment = Deployment(self.repo, self.runtime, self.executor, self.state_path, mirrors=[self.engine])

@@ -9,7 +9,6 @@ was wrong.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 import time
@@ -20,7 +19,7 @@ import grpc
 import numpy as np
 
 from fuseloop.events import new_id, now_ms
-from fuseloop.preprocessing import InvalidInput, decode_image, image_array
+from fuseloop.preprocessing import InvalidInput, image_pixels
 from fuseloop.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.config import InferenceServiceConfig
 from services.inference.deployment import Deployment, NoServingVersion
@@ -105,7 +104,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                 with self.engine.queue.arriving() as arrival, self.deployment.acquire() as lease:
                     loaded = lease.loaded
                     params = generate_params(request, self.config, self._max_tokens(loaded))
-                    pixels, prompt_ids = await self._inputs(loaded, request.image, request.prompt)
+                    pixels, prompt_ids = await self._inputs(loaded, request.image, request.prompt,
+                                                            for_engine=not params.rerank)  # reranking scores pixels here
                     sequences = await self._generate(arrival, loaded, pixels, prompt_ids, params, context)
                     texts = [self.tokens(loaded).decode(s.token_ids) for s in sequences]
                     rewards = None
@@ -141,7 +141,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                     params = generate_params(request, self.config, self._max_tokens(loaded))
                     if params.rerank:
                         raise InvalidInput("best_of reranks finished candidates, so it cannot stream; use Generate")
-                    pixels, prompt_ids = await self._inputs(loaded, request.image, request.prompt)
+                    pixels, prompt_ids = await self._inputs(loaded, request.image, request.prompt, for_engine=True)
                     request_id = new_id()
                     n = params.num_sequences
                     shown = self._display_order(list(range(n)))
@@ -190,21 +190,17 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     def _max_tokens(self, loaded: LoadedVersion) -> int:
         return int(loaded.manifest.model_config["max_response_tokens"])
 
-    async def _inputs(self, loaded: LoadedVersion, image: bytes, prompt: str) -> tuple[np.ndarray, list[int]]:
-        """Checked, preprocessed (pixels (3, H, W), prompt ids). Large images decode off the event loop."""
+    async def _inputs(self, loaded: LoadedVersion, image: bytes, prompt: str, for_engine: bool = False
+                      ) -> tuple[np.ndarray | bytes, list[int]]:
+        """Checked, preprocessed (pixels (3, H, W), prompt ids). Large images decode off the event
+        loop. `for_engine`: small images stay encoded, for the engine process to check and decode
+        (the event loop is the server's busiest thread; the engine decodes them between steps)."""
         check_text("prompt", prompt, self.config.max_prompt_chars)
-        pre = loaded.preprocessor
         prompt_ids = self.tokens(loaded).prompt_ids(prompt)
-        # The service's limits may be tighter than the ones the version was trained with.
-        limits = dataclasses.replace(pre.config, max_image_bytes=min(pre.config.max_image_bytes, self.config.max_image_bytes),
-                                     max_image_pixels=min(pre.config.max_image_pixels, self.config.max_image_pixels))
-
-        def pixels() -> np.ndarray:
-            return image_array(decode_image(image, limits), pre.config)
-
+        limits = loaded.preprocessor.config.within(self.config.max_image_bytes, self.config.max_image_pixels)
         if len(image) <= self.config.inline_decode_max_image_bytes:
-            return pixels(), prompt_ids
-        return await asyncio.get_running_loop().run_in_executor(self.executor, pixels), prompt_ids
+            return (image if for_engine else image_pixels(image, limits)), prompt_ids
+        return await asyncio.get_running_loop().run_in_executor(self.executor, image_pixels, image, limits), prompt_ids
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
@@ -214,7 +210,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         return [SequenceSpec(params.temperature, params.top_p, params.max_new_tokens, params.seed, i)
                 for i in range(params.num_sequences)]
 
-    async def _generate(self, arrival: Arrival, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int],
+    async def _generate(self, arrival: Arrival, loaded: LoadedVersion, pixels: np.ndarray | bytes, prompt_ids: list[int],
                         params: GenerateParams, context: grpc.aio.ServicerContext) -> list[GeneratedSequence]:
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         job = GenerationJob(loaded, pixels, prompt_ids, self._specs(params),
@@ -228,7 +224,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             raise
         return job.sequences
 
-    def _submit_stream(self, arrival: Arrival, loaded: LoadedVersion, pixels: np.ndarray, prompt_ids: list[int],
+    def _submit_stream(self, arrival: Arrival, loaded: LoadedVersion, pixels: np.ndarray | bytes, prompt_ids: list[int],
                        params: GenerateParams, context: grpc.aio.ServicerContext) -> tuple[GenerationJob, asyncio.Queue]:
         """Submits a job whose queue receives [(candidate index, token id)] per decode step, then
         None when done (or the exception that ended it)."""
