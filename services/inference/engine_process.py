@@ -145,10 +145,14 @@ class EngineProcess:
             self.queue.finished()
             raise QueueClosed(self.queue.closed_because)
         jid = next(self._ids)
+        try:
+            self._send(("submit", (jid, job.loaded.version, job.pixels, job.prompt_ids, job.specs, job.deadline,
+                                   job.on_tokens is not None)))
+        except OSError:  # the child died and the event loop has not heard yet
+            self.queue.finished()
+            raise QueueClosed("the generation engine process exited; the server needs a restart") from None
         self._jobs[jid] = job
         job.on_cancel = lambda: self._cancel(jid)
-        self._send(("submit", (jid, job.loaded.version, job.pixels, job.prompt_ids, job.specs, job.deadline,
-                               job.on_tokens is not None)))
 
     def _cancel(self, jid: int) -> None:
         if not self._gone and jid in self._jobs:
