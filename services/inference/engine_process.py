@@ -140,7 +140,8 @@ class EngineProcess:
 
     # -- requests -------------------------------------------------------------------------------
     def submit(self, job: GenerationJob) -> None:
-        """Called by `queue` once the job is admitted (bounded); raises QueueClosed when the child is gone."""
+        """Called by `queue` once the job is admitted (bounded); raises QueueClosed when the child is
+        gone. The job's deadline is time.monotonic(), a clock both processes read alike."""
         if self._gone:
             self.queue.finished()
             raise QueueClosed(self.queue.closed_because)
@@ -385,6 +386,7 @@ class EngineWorker:
         self.up = up
         self.versions: dict[int, LoadedVersion] = {}
         self.jobs: dict[int, GenerationJob] = {}
+        self.retiring: list[LoadedVersion] = []
         self.finished: list = []
         self.streamed: list = []
         self.observations = EngineObservations()
@@ -398,7 +400,7 @@ class EngineWorker:
         self._send(("ready", None))
         self.engine.run()
         self._report()
-        for loaded in self.versions.values():
+        for loaded in [*self.versions.values(), *self.retiring]:
             loaded.close()
 
     def _handle(self, kind: str, payload) -> None:
@@ -410,10 +412,10 @@ class EngineWorker:
                 job.cancel()
         elif kind == "load":
             threading.Thread(target=self._load, args=(payload,), name=f"load-v{payload}", daemon=True).start()
-        elif kind == "unload":
+        elif kind == "unload":  # new jobs can't use it; closed once no sequence or queued job does
             loaded = self.versions.pop(payload, None)
             if loaded is not None:
-                loaded.close()
+                self.retiring.append(loaded)
         elif kind == "stop":
             for job in self.engine.queue.close():
                 job._finish(QueueClosed("the server is shutting down"))
@@ -447,12 +449,20 @@ class EngineWorker:
         """Sends what this pass of the engine loop produced, in one message: at once when a job
         finished or streamed, else the metrics alone at most every `STATS_EVERY_S` (a message per
         decode step would cost both processes a wake-up per step)."""
+        if self.retiring:
+            self._close_retired()
         now = time.monotonic()
         if self.finished or self.streamed or (now - self._stats_sent >= STATS_EVERY_S and self.observations.pending()):
             message = ("pass", (self.finished, self.streamed, self.observations.take()))
             self.finished, self.streamed = [], []
             self._stats_sent = now
             self._send(message)
+
+    def _close_retired(self) -> None:
+        in_use = {*self.engine.groups, *(job.loaded for job in self.jobs.values())}
+        for loaded in [v for v in self.retiring if v not in in_use]:
+            self.retiring.remove(loaded)
+            loaded.close()
 
     def _load(self, version: int) -> None:
         try:
