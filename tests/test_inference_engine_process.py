@@ -1,6 +1,7 @@
-"""The generation engine runs in a child process: its work shows in the server's metrics, it
-serves exactly what the in-thread engine serves, and when it dies, generation fails with a clear
-status while the rest of the server keeps answering and health says NOT_SERVING."""
+"""The generation engine runs in a child process: it serves exactly what the in-thread engine
+serves and its work shows in the server's metrics. When it dies, the requests it held fail with a
+clear status, a new one takes over with the same version, and once the restarts are spent,
+generation is refused clearly while the rest of the server keeps answering."""
 
 from __future__ import annotations
 
@@ -24,9 +25,21 @@ from services.inference.server import INFERENCE_SERVICE, InferenceServer, Server
 EXAMPLES = make_split("test", 4)
 
 
-def start_server(repo_dir) -> ServerThread:
+def start_server(repo_dir, **config) -> ServerThread:
     runtime = OnnxRuntime(OnnxRuntimeConfig(device="cpu", intra_op_threads=1))
-    return ServerThread(InferenceServer(InferenceServiceConfig(port=0), runtime, ModelRepository(repo_dir))).start()
+    return ServerThread(InferenceServer(InferenceServiceConfig(port=0, **config), runtime,
+                                        ModelRepository(repo_dir))).start()
+
+
+def health_of(channel, service: str = "") -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service)).status
+
+
+def wait_for(condition, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def request(example, **sampling) -> inference_pb2.GenerateRequest:
@@ -80,25 +93,39 @@ def test_the_engine_process_work_shows_in_the_servers_metrics(server):
     assert registry.get_sample_value("fuseloop_inference_queue_seconds_count", {"kind": "generate"}) == len(EXAMPLES)
 
 
-def test_a_dead_engine_process_fails_generation_clearly_and_the_server_stays_up(server):
+def test_a_new_engine_process_takes_over_when_one_dies(server):
     with grpc.insecure_channel(server.address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        health = health_pb2_grpc.HealthStub(channel)
-        assert stub.Generate(request(EXAMPLES[0]), timeout=30).candidates
+        before = stub.Generate(request(EXAMPLES[0]), timeout=30)
+        first = server.server.engine.pid
 
-        os.kill(server.server.engine.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while health.Check(health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE)).status == \
-                health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
-            time.sleep(0.05)
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: server.server.engine.restarts == 1 and health_of(channel) == health_pb2.HealthCheckResponse.SERVING)
 
-        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
-        with pytest.raises(grpc.RpcError) as refused:
-            stub.Generate(request(EXAMPLES[1]), timeout=30)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "engine" in refused.value.details()
-        # Scoring runs in the server's own process and still answers.
-        example = EXAMPLES[1]
-        score = stub.Score(inference_pb2.ScoreRequest(image=png_bytes(render(example.scene)), prompt=example.prompt,
-                                                      response=example.answer), timeout=30)
-        assert np.isfinite(score.reward)
+        assert server.server.engine.pid != first
+        after = stub.Generate(request(EXAMPLES[0]), timeout=30)  # greedy: the same version, the same answer
+        assert (after.model_version, after.candidates[0].text) == (before.model_version, before.candidates[0].text)
+
+
+def test_once_the_restarts_are_spent_generation_is_refused_clearly_and_the_rest_still_answers(shared_repo_dir):
+    server = start_server(shared_repo_dir, engine_restarts=0)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            assert stub.Generate(request(EXAMPLES[0]), timeout=30).candidates
+
+            os.kill(server.server.engine.pid, signal.SIGKILL)
+            wait_for(lambda: health_of(channel, INFERENCE_SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+            assert health_of(channel) == health_pb2.HealthCheckResponse.NOT_SERVING  # the orchestrator restarts it
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Generate(request(EXAMPLES[1]), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "engine process exited" in refused.value.details()
+            # Scoring runs in the server's own process and still answers.
+            example = EXAMPLES[1]
+            score = stub.Score(inference_pb2.ScoreRequest(image=png_bytes(render(example.scene)), prompt=example.prompt,
+                                                          response=example.answer), timeout=30)
+            assert np.isfinite(score.reward)
+    finally:
+        server.stop()

@@ -42,6 +42,7 @@ class InferenceServiceConfig:
     event_image_max_bytes: int = 256 * 1024  # inlined up to this size; the sha256 is always sent
     max_pending_events: int = 10_000  # beyond this, events are dropped (and counted) rather than queued
 
+    engine_restarts: int = 3  # new generation engine processes after one dies, in the server's life
     shutdown_grace_s: float = 5.0
     worker_threads: int = 4  # preprocessing of large images, model loads, KServe inference, bus writes
 

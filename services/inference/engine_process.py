@@ -90,6 +90,12 @@ class ForwardingQueue(RequestQueue[GenerationJob]):
         with self._cond:
             self.in_engine -= 1
 
+    def reopen(self) -> None:
+        """A new engine process took over: nothing is in it yet."""
+        with self._cond:
+            self._closed = False
+            self.in_engine = 0
+
 
 class EngineProcess:
     """The engine in a child process, with the surface the service uses: `queue.arriving()` and
@@ -98,25 +104,36 @@ class EngineProcess:
 
     def __init__(self, runtime: ModelRuntime, repo: ModelRepository, config: EngineConfig,
                  metrics: InferenceMetrics, image_limits: tuple[int, int] = (1 << 62, 1 << 62),
-                 on_exit: Callable[[BaseException], object] | None = None, start_timeout_s: float = 120.0) -> None:
-        """image_limits: the service's (max bytes, max pixels) for images the child decodes."""
+                 on_exit: Callable[[BaseException], object] | None = None,
+                 on_restart: Callable[[], object] | None = None, max_restarts: int = 3,
+                 start_timeout_s: float = 120.0) -> None:
+        """image_limits: the service's (max bytes, max pixels) for images the child decodes. If the
+        child dies, `on_exit` is called, then a new child is started with the same versions (at
+        most `max_restarts` times in the server's life) and `on_restart` is called."""
         self.config = config
         self.metrics = metrics
-        self.on_exit = on_exit  # called on the event loop if the child exits unasked
+        self.on_exit, self.on_restart = on_exit, on_restart  # called on the event loop
+        self.max_restarts = max_restarts
+        self.restarts = 0
         self.start_timeout_s = start_timeout_s
         self.queue = ForwardingQueue(config.max_queue + config.max_batch, self.submit)
         self.active_sequences = 0
+        self._child_args = (runtime.worker_factory(), str(repo.root), config, image_limits)
+        self._versions: set[int] = set()  # loaded in the child and not unloaded: what a restart loads again
         self._jobs: dict[int, GenerationJob] = {}
         self._loads: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._gone = False
         self._stopping = False
+        self._spawn()
+
+    def _spawn(self) -> None:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads, locks or sessions
         down_r, self._down = ctx.Pipe(duplex=False)
         self._up, up_w = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=_child_main, name="fuseloop-engine", daemon=True,
-                                    args=(runtime.worker_factory(), str(repo.root), config, image_limits, down_r, up_w))
+                                    args=(*self._child_args, down_r, up_w))
         self._child_ends = (down_r, up_w)
 
     @property
@@ -125,18 +142,40 @@ class EngineProcess:
 
     async def start(self) -> "EngineProcess":
         self._loop = asyncio.get_running_loop()
+        try:
+            await self._launch()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def _launch(self) -> None:
         self._ready = self._loop.create_future()
+        self._gone = False
         self._process.start()
         for end in self._child_ends:  # the child holds them now; the pipes close when it exits
             end.close()
         self._readable = _Readable(self._up)
         self._loop.add_reader(self._up.fileno(), self._on_readable)
+        await asyncio.wait_for(asyncio.shield(self._ready), self.start_timeout_s)
+
+    async def _restart(self) -> None:
+        self.restarts += 1
+        log.warning("starting a new generation engine process (restart %d of at most %d)", self.restarts,
+                    self.max_restarts)
         try:
-            await asyncio.wait_for(asyncio.shield(self._ready), self.start_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+            self._spawn()
+            await self._launch()
+            for version in sorted(self._versions):
+                await self.load(version)
+        except Exception:  # a child that dies again has already scheduled the next attempt
+            log.exception("the new generation engine process did not start")
+            if self._process.is_alive():
+                self._process.kill()
+            return
+        self.queue.reopen()
+        if self.on_restart is not None:
+            _call_on_loop(self._loop, self.on_restart)
 
     # -- requests -------------------------------------------------------------------------------
     def submit(self, job: GenerationJob) -> None:
@@ -170,8 +209,10 @@ class EngineProcess:
         future = self._loads[version] = self._loop.create_future()
         self._send(("load", version))
         await future
+        self._versions.add(version)
 
     def unload(self, version: int) -> None:
+        self._versions.discard(version)
         if not self._gone:
             self._send(("unload", version))
 
@@ -250,8 +291,10 @@ class EngineProcess:
         if self._gone:
             return
         self._gone = True
+        restart = not self._stopping and self.restarts < self.max_restarts
         if not self._stopping:
-            self.queue.closed_because = "the generation engine process exited; the server needs a restart"
+            self.queue.closed_because = ("the generation engine process exited; " +
+                                         ("a new one is starting" if restart else "the server needs a restart"))
         self.queue.close()
         if not self._loop.is_closed():
             self._loop.remove_reader(self._up.fileno())
@@ -267,9 +310,16 @@ class EngineProcess:
         if not self._stopping:
             log.error("%s", error)
             if self.on_exit is not None:
-                result = self.on_exit(error)
-                if asyncio.iscoroutine(result):
-                    self._loop.create_task(result)
+                _call_on_loop(self._loop, self.on_exit, error)
+            if restart:
+                self._loop.create_task(self._restart())
+
+
+def _call_on_loop(loop: asyncio.AbstractEventLoop, callback: Callable, *args: object) -> None:
+    """Calls a callback that may be a coroutine function (then it runs as a task)."""
+    result = callback(*args)
+    if asyncio.iscoroutine(result):
+        loop.create_task(result)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -3,8 +3,8 @@ one grpc.aio server, plus Prometheus metrics over HTTP.
 
 `InferenceServer` is built from its parts (runtime, repository, bus, config, clock) and started
 with `await start()` in the caller's event loop; `ServerThread` runs one on a thread of its own
-(tests, benchmarks). Health is NOT_SERVING until a version is loaded, and again if the generation
-engine process exits. Generation runs in that child process (`engine_process`); everything else,
+(tests, benchmarks). Health is NOT_SERVING until a version is loaded, and again while the
+generation engine process is being replaced after it died. Generation runs in that child process (`engine_process`); everything else,
 scoring included, in this one.
 """
 
@@ -89,7 +89,8 @@ class InferenceServer:
         self._started.append(lambda: self.executor.shutdown(wait=True))
         self.engine = EngineProcess(self.runtime, self.repo,
                                     EngineConfig(c.max_batch, c.max_queue_delay_ms / 1000, c.max_queue), self.metrics,
-                                    image_limits=(c.max_image_bytes, c.max_image_pixels), on_exit=self._engine_exited)
+                                    image_limits=(c.max_image_bytes, c.max_image_pixels), on_exit=self._engine_exited,
+                                    on_restart=self._engine_restarted, max_restarts=c.engine_restarts)
         self._started.append(self.engine.stop)
         await self.engine.start()
         self.deployment = Deployment(self.repo, self.runtime, self.executor, self.state_path, mirrors=[self.engine])
@@ -161,9 +162,14 @@ class InferenceServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def _engine_exited(self, error: BaseException) -> None:
-        """Nothing can generate any more: NOT_SERVING, so the orchestrator restarts the server."""
+        """Nothing can generate until a new engine process is up (or ever, once the restarts are
+        spent: then the orchestrator restarts the server)."""
         if self._server is not None:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _engine_restarted(self) -> None:
+        if self._server is not None and self.deployment.serving is not None:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def _set_health(self, status) -> None:
         for name in SERVING_NAMES:
