@@ -4,16 +4,18 @@ Python runs one thread of a process at a time (the GIL). With the engine on a th
 event loop, every decode step waited for the busy loop to hand the GIL back, and the loop waited
 for the engine's numpy work: at 32 concurrent clients a decode step took 2.7 ms inside the server
 against 0.9 ms for the same engine alone. So, as vLLM's engine core does, the server keeps gRPC,
-checks and preprocessing in its own process and runs the engine in a child with its own
-interpreter. Two pipes connect them:
+checks, tokenization and scoring in its own process and runs the engine in a child with its own
+interpreter, which also decodes small images (the event loop is the server's busiest thread).
+Two pipes connect them:
 
 - down (server -> engine): submit a job, cancel one, load or unload a version, stop;
-- up (engine -> server): after every pass of the engine loop, one message with the jobs that
-  finished, the tokens streaming jobs produced and the engine's metric observations; and the
-  answers to loads.
+- up (engine -> server): after a pass of the engine loop that finished a job or streamed tokens,
+  one message with those and the engine's metric observations (metrics alone at most every
+  `STATS_EVERY_S`); and the answers to loads.
 
 The child's engine loop reads the down pipe between decode steps, on its only busy thread, so
-nothing in it waits for a GIL. Versions load on a helper thread, beside the running engine.
+nothing in it waits for a GIL. Versions load on a helper thread, beside the running engine. If
+the child dies, the jobs it held fail and a new child loads the same versions.
 """
 
 from __future__ import annotations
