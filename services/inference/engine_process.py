@@ -119,7 +119,6 @@ class EngineProcess:
         self.restarts = 0
         self.start_timeout_s = start_timeout_s
         self.queue = ForwardingQueue(config.max_queue + config.max_batch, self.submit)
-        self.active_sequences = 0
         self._child_args = (runtime.worker_factory(), str(repo.root), config, image_limits)
         self._versions: set[int] = set()  # loaded in the child and not unloaded: what a restart loads again
         self._jobs: dict[int, GenerationJob] = {}
@@ -287,7 +286,6 @@ class EngineProcess:
                 seq.token_ids, seq.logprobs = token_ids, logprobs
             job._finish(error)
         stats.apply(self.metrics)
-        self.active_sequences = stats.active
 
     def _child_gone(self, error: BaseException) -> None:
         if self._gone:
