@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fuseloop.preprocessing import InvalidInput, image_pixels
+from fuseloop.preprocessing import InvalidInput, PreprocessConfig, image_pixels
 from fuseloop.repository import ModelRepository
 from services.inference.engine import EngineConfig, GenerationEngine, GenerationJob, SequenceSpec
 from services.inference.metrics import InferenceMetrics
@@ -435,6 +435,7 @@ class EngineWorker:
         self.image_limits = image_limits
         self.up = up
         self.versions: dict[int, LoadedVersion] = {}
+        self.image_configs: dict[int, PreprocessConfig] = {}
         self.jobs: dict[int, GenerationJob] = {}
         self.retiring: list[LoadedVersion] = []
         self.finished: list = []
@@ -478,7 +479,7 @@ class EngineWorker:
             return
         if isinstance(pixels, bytes):
             try:
-                pixels = image_pixels(pixels, loaded.preprocessor.config.within(*self.image_limits))
+                pixels = image_pixels(pixels, self.image_configs[version])
             except InvalidInput as e:
                 self.finished.append((jid, [], e))
                 return
@@ -516,7 +517,10 @@ class EngineWorker:
 
     def _load(self, version: int) -> None:
         try:
-            self.versions[version] = self.runtime.load(self.repo, version)
+            loaded = self.runtime.load(self.repo, version)
+            # The version's preprocessing under the service's image limits, worked out once.
+            self.image_configs[version] = loaded.preprocessor.config.within(*self.image_limits)
+            self.versions[version] = loaded
             error = None
         except Exception as e:  # reported to the deploy that asked
             log.exception("the engine process could not load version %s", version)

@@ -197,9 +197,12 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         (the event loop is the server's busiest thread; the engine decodes them between steps)."""
         check_text("prompt", prompt, self.config.max_prompt_chars)
         prompt_ids = self.tokens(loaded).prompt_ids(prompt)
+        small = len(image) <= self.config.inline_decode_max_image_bytes
+        if small and for_engine:
+            return image, prompt_ids
         limits = loaded.preprocessor.config.within(self.config.max_image_bytes, self.config.max_image_pixels)
-        if len(image) <= self.config.inline_decode_max_image_bytes:
-            return (image if for_engine else image_pixels(image, limits)), prompt_ids
+        if small:
+            return image_pixels(image, limits), prompt_ids
         return await asyncio.get_running_loop().run_in_executor(self.executor, image_pixels, image, limits), prompt_ids
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
