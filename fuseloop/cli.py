@@ -46,6 +46,10 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig.quick(out) if args.quick else DemoConfig(out=out)
     cfg = replace(cfg, **{k: v for k, v in (("rounds", args.rounds), ("users", args.users), ("bus", args.bus),
                                             ("requests_per_round", args.requests_per_round)) if v is not None})
+    if args.train_config:
+        from fuseloop.config_file import load_toml
+
+        cfg = replace(cfg, train_file=load_toml(Path(args.train_config)))
     # With --json, stdout carries only the final JSON object; the tables go to stderr.
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
     result = run_demo(cfg, log=log)
@@ -81,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default demo-out/<timestamp>)")
     p.add_argument("--quick", action="store_true", help="small settings (a minute or two)")
     p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
+    p.add_argument("--train-config", help="TOML file of TrainConfig fields for the rounds (as `fuseloop train --config`)")
     p.set_defaults(func=_demo)
 
     serve = sub.add_parser("serve", help="run a service").add_subparsers(dest="service", required=True)
@@ -99,8 +104,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. Errors the user can fix come out as one line, `error: ...`, with a
+    non-zero exit code; anything else is a fault and keeps its traceback."""
+    import grpc
+
+    from fuseloop.errors import UserError, rpc_error_line
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        return _fail(str(e), e.exit_code)
+    except grpc.RpcError as e:
+        target = getattr(args, "server", None) or getattr(args, "deploy_to", None) or "the service"
+        return _fail(rpc_error_line(e, target), 1)
+    except _broker_errors() as e:
+        return _fail(f"cannot reach the Kafka broker of {getattr(args, 'bus', None) or 'the bus'}: {e} "
+                     "(is Kafka running, and is the bus URL right?)", 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _broker_errors() -> tuple[type[BaseException], ...]:
+    """kafka-python's 'no broker answered' errors (its import is only paid when one happens)."""
+    try:
+        from kafka.errors import KafkaConnectionError, NoBrokersAvailable
+    except ImportError:
+        return ()
+    return (NoBrokersAvailable, KafkaConnectionError)
 
 
 if __name__ == "__main__":

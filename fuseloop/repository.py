@@ -24,6 +24,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fuseloop.errors import UserError
 from fuseloop.preprocessing import PreprocessConfig
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ MODEL_FILE = "model.onnx"
 FORMAT_VERSION = 1
 
 
-class RepositoryError(Exception):
+class RepositoryError(UserError):
     """The repository or a version in it is missing, malformed or fails verification."""
 
 
@@ -65,6 +66,7 @@ class Manifest:
     preprocess: dict
     metrics: dict = field(default_factory=dict)
     lineage: dict = field(default_factory=dict)  # offsets and event counts it learned from
+    train_config: dict = field(default_factory=dict)  # the effective TrainConfig of the round that made it
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

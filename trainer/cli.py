@@ -5,38 +5,89 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
+
+from fuseloop.errors import UserError
+
+DEFAULT_WORKDIR = ".fuseloop/trainer"
+
+
+def train_config(args: argparse.Namespace):
+    """TrainConfig from --config, then the step flags, then each --set (the last word wins)."""
+    from fuseloop.config_file import apply_overrides, build, load_toml
+    from trainer.round import TrainConfig
+
+    values = load_toml(Path(args.config)) if args.config else {}
+    if args.workdir is not None:
+        values["workdir"] = args.workdir
+    flags = {"reward.steps": args.rm_steps, "policy.steps": args.pg_steps, "ingest.poll_records": args.ingest_batch}
+    values = apply_overrides(values, [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set))
+    return build(TrainConfig, values, base=TrainConfig(workdir=Path(DEFAULT_WORKDIR)))
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
+    from fuseloop.bus import TopicConfig
     from fuseloop.bus.url import open_bus
+    from fuseloop.config_file import to_toml
     from fuseloop.repository import ModelRepository
     from trainer.deploy import make_deployer
-    from trainer.round import TrainConfig, Trainer
+    from trainer.round import Trainer
+    from trainer.schedule import Schedule, StopSignals, parse_duration, pending_feedback
 
-    config = TrainConfig(workdir=Path(args.workdir))
-    if args.rm_steps is not None:
-        config = replace(config, reward=replace(config.reward, steps=args.rm_steps))
-    if args.pg_steps is not None:
-        config = replace(config, policy=replace(config.policy, steps=args.pg_steps))
-    if args.ingest_batch is not None:
-        config = replace(config, ingest=replace(config.ingest, poll_records=args.ingest_batch))
-    from fuseloop.bus import TopicConfig
-
+    config = train_config(args)
+    if args.print_config:
+        print(to_toml(config), end="")
+        return 0
+    scheduled = args.every is not None or args.when_feedback is not None
+    schedule = Schedule(every_s=parse_duration(args.every) if args.every else None, when_feedback=args.when_feedback,
+                        max_rounds=args.rounds if args.rounds is not None else (None if scheduled else 1))
+    if not Path(args.repo).is_dir():
+        raise UserError(f"the model repository {args.repo} does not exist: run `fuseloop export` into it first")
     topics = TopicConfig(args.inference_topic, args.feedback_topic, args.dead_letter_topic)
-    bus = open_bus(args.bus, client_id="fuseloop-trainer")
+    try:
+        bus = open_bus(args.bus, client_id="fuseloop-trainer")
+    except ValueError as e:  # a malformed bus URL
+        raise UserError(str(e)) from None
     trainer = Trainer(config, bus, ModelRepository(Path(args.repo)), topics,
                       deployer=make_deployer(args.deploy_to, args.admin_token))
+    metrics, registry = _trainer_metrics(args.metrics_port)
     try:
-        for _ in range(args.rounds):
-            report = trainer.run_round()
-            print(json.dumps(report, indent=2, default=str))
+        with StopSignals() as signals:
+            if not scheduled:  # one-shot: rounds back to back, as before
+                schedule = Schedule(every_s=0.0, max_rounds=schedule.max_rounds)
+            else:
+                print(f"trainer waiting for rounds ({_describe(schedule)})", file=sys.stderr, flush=True)
+            from trainer.schedule import run_scheduled
+
+            run_scheduled(trainer.run_round, lambda: pending_feedback(trainer.ingestor.consumer(), topics.feedback),
+                          schedule, signals, metrics,
+                          on_report=lambda r: print(json.dumps(r, indent=2, default=str), flush=True))
     finally:
         trainer.close()
         bus.close()
+        if registry is not None:
+            registry.stop_http()
     return 0
+
+
+def _trainer_metrics(port: int | None):
+    if port is None:
+        return None, None
+    from fuseloop.metrics import MetricsRegistry
+    from trainer.schedule import TrainerMetrics
+
+    registry = MetricsRegistry()
+    metrics = TrainerMetrics(registry)
+    bound = registry.serve_http("0.0.0.0", port)
+    print(f"trainer metrics on :{bound}/metrics", file=sys.stderr, flush=True)
+    return metrics, registry
+
+
+def _describe(schedule) -> str:
+    parts = ([f"every {schedule.every_s:g} s"] if schedule.every_s is not None else []) + \
+            ([f"when {schedule.when_feedback} feedback events wait"] if schedule.when_feedback is not None else [])
+    return " or ".join(parts) + "; SIGTERM stops after the running round"
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -49,7 +100,7 @@ def _models(args: argparse.Namespace) -> int:
                 print(f"{'*' if v.serving else ' '} {v.version:>4}  parent {v.parent_version or '-':>4}  {v.created_at}")
             return 0
         if not args.repo:
-            raise SystemExit("models list needs --repo REPO_DIR or --server HOST:PORT")
+            raise UserError("models list needs --repo REPO_DIR or --server HOST:PORT")
         repo = ModelRepository(Path(args.repo))
         serving = repo.serving_state().serving
         print(f"  {'version':>7}  {'parent':>6}  {'created':25}  {'gold/metrics'}")
@@ -59,7 +110,9 @@ def _models(args: argparse.Namespace) -> int:
             print(f"{'*' if v == serving else ' '} {v:>7}  {m.parent_version or '-':>6}  {m.created_at:25}  {json.dumps(key)}")
         return 0
     if not args.server:
-        raise SystemExit(f"models {args.action} needs --server HOST:PORT (the inference service)")
+        raise UserError(f"models {args.action} needs --server HOST:PORT (the inference service)")
+    if args.action == "deploy" and not (args.version or "").isdigit():
+        raise UserError(f"models deploy needs a version number, e.g. `fuseloop models deploy 7`, got {args.version!r}")
     deployer = AdminDeployer(args.server, args.admin_token)
     print(deployer.deploy(int(args.version)) if args.action == "deploy" else deployer.rollback())
     return 0
@@ -78,8 +131,15 @@ def add_parsers(sub: argparse._SubParsersAction, bench: argparse._SubParsersActi
     p.add_argument("--bus", required=True, help="kafka://HOST:PORT?api_version=0.9 or sqlite:///PATH.db")
     p.add_argument("--deploy-to", help="inference service HOST:PORT (admin Deploy) or triton://HOST:PORT")
     p.add_argument("--admin-token", default=token, help="admin token (default: $FUSELOOP_ADMIN_TOKEN)")
-    p.add_argument("--workdir", default=".fuseloop/trainer", help="the trainer's dataset store, reports, plots")
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--workdir", default=None, help=f"the trainer's dataset store, reports, plots (default {DEFAULT_WORKDIR})")
+    p.add_argument("--rounds", type=int, default=None, help="rounds to run (default 1; scheduled: until a signal)")
+    p.add_argument("--config", help="TOML file setting TrainConfig fields, nested: [policy] kl_beta = 0.05")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one field, e.g. policy.kl_beta=0.05 (repeatable; wins over --config)")
+    p.add_argument("--print-config", action="store_true", help="print the effective config as TOML and exit")
+    p.add_argument("--every", help="scheduled: a round at least this often (90s, 10m, 2h) until SIGTERM")
+    p.add_argument("--when-feedback", type=int, help="scheduled: a round once this many feedback events wait")
+    p.add_argument("--metrics-port", type=int, help="serve the trainer's Prometheus /metrics on this port")
     p.add_argument("--rm-steps", type=int, help="reward-model steps per round")
     p.add_argument("--pg-steps", type=int, help="policy-gradient steps per round")
     p.add_argument("--inference-topic", default="fuseloop.inference")

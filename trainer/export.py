@@ -188,8 +188,9 @@ def export_parity(ckpt: Checkpoint, paths: dict[str, Path]) -> float:
 
 
 def publish(ckpt: Checkpoint, repo: ModelRepository, parent_version: int | None = None,
-            metrics: dict | None = None, lineage: dict | None = None) -> Manifest:
-    """Exports the checkpoint as the repository's next version and returns its manifest."""
+            metrics: dict | None = None, lineage: dict | None = None, train_config: dict | None = None) -> Manifest:
+    """Exports the checkpoint as the repository's next version and returns its manifest;
+    `train_config` (the effective TrainConfig) lets anyone retrain the version the same way."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fuseloop-export-") as tmp:
         tmp = Path(tmp)
@@ -204,7 +205,7 @@ def publish(ckpt: Checkpoint, repo: ModelRepository, parent_version: int | None 
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             files={}, signatures=signatures, model_config=ckpt.model_config.to_dict(),
             preprocess=_preprocess_dict(ckpt), metrics=dict(metrics or ckpt.metrics),
-            lineage=dict(lineage or {"source": "pretrain"}),
+            lineage=dict(lineage or {"source": "pretrain"}), train_config=dict(train_config or {}),
         )
         manifest.metrics["export_max_abs_diff"] = parity
         manifest.metrics["export_seconds"] = round(time.perf_counter() - t0, 1)

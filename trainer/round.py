@@ -13,8 +13,9 @@ from pathlib import Path
 
 from fuseloop.bus import EventBus, TopicConfig
 from fuseloop.checkpoint import Checkpoint
+from fuseloop.config_file import to_dict
 from fuseloop.events import dead_letter
-from fuseloop.repository import ModelRepository
+from fuseloop.repository import ModelRepository, RepositoryError
 from trainer.batches import ContextTensors
 from trainer.deploy import Deployer
 from trainer.export import publish
@@ -112,14 +113,14 @@ class Trainer:
         state = self.repo.serving_state()
         version = state.serving or self.repo.latest()
         if version is None:
-            raise RuntimeError(f"no version in {self.repo.root}: run `fuseloop pretrain` and `fuseloop export` first")
+            raise RepositoryError(f"no version in {self.repo.root}: run `fuseloop pretrain` and `fuseloop export` first")
         return version
 
     def run_round(self) -> dict:
         t0 = time.perf_counter()
         round_ = self.group.highest(self.store.last_round()) + 1
         ingest = self.ingestor.ingest(round_)
-        report: dict = {"round": round_, "ingest": ingest.to_dict()}
+        report: dict = {"round": round_, "config": to_dict(self.config), "ingest": ingest.to_dict()}
         data = build_training_set(self.store, self.store.feedback())
         self._settle_unjoined(data.unjoined, round_, report)
         report["signals"] = data.report()
@@ -178,7 +179,8 @@ class Trainer:
 
         lineage = {"round": round_, "parent_version": base, "new_feedback_events": new_feedback,
                    **merge_lineage(lineage_parts)}
-        manifest = publish(candidate, self.repo, parent_version=base, metrics=candidate.metrics, lineage=lineage)
+        manifest = publish(candidate, self.repo, parent_version=base, metrics=candidate.metrics, lineage=lineage,
+                           train_config=report["config"])
         report["version"] = manifest.version
         timings["export"], t = round(time.perf_counter() - t, 1), time.perf_counter()
         if self.deployer is not None:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from fuseloop.bus import TopicConfig
 from fuseloop.bus.url import open_bus
 from fuseloop.checkpoint import Checkpoint
+from fuseloop.config_file import build
 from fuseloop.demo.report import print_round_table, write_report_png
 from fuseloop.demo.simulated_users import UserModel
 from fuseloop.demo.traffic import Traffic
@@ -38,6 +39,7 @@ class DemoConfig:
     seed: int = 0
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: dict = field(default_factory=dict)  # TrainConfig overrides
+    train_file: dict = field(default_factory=dict)  # TrainConfig fields from a TOML file, applied over `train`
     user_model: UserModel = field(default_factory=UserModel)
     training_think_s: float = 0.25  # users slow down while a round trains (2 cores are shared)
 
@@ -62,6 +64,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
+    # Checked before two minutes of pretraining; the demo keeps its trainer under `out`.
+    train_config = build(TrainConfig, {**cfg.train_file, "workdir": str(out / "trainer")},
+                         base=TrainConfig(workdir=out / "trainer", **cfg.train))
     out.mkdir(parents=True, exist_ok=True)
     run_dir, repo = out / "base-run", ModelRepository(out / "model-repository")
     if repo.versions():
@@ -91,7 +96,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                                                     pseudonym_key=secrets.token_bytes(32), port=0, topics=topics),
                               bus).start()
     traffic = Traffic(inference.address, feedback.address, app_token, cfg.users, cfg.user_model, task, cfg.seed)
-    trainer = Trainer(TrainConfig(workdir=out / "trainer", **cfg.train), bus, repo, topics,
+    trainer = Trainer(train_config, bus, repo, topics,
                       deployer=AdminDeployer(inference.address, admin_token), gold=gold)
     rounds = []
     try:
