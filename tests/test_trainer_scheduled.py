@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 
 from fuseloop.bus.url import open_bus
+from fuseloop.errors import UserError
 from tests.test_train_config import FAST_TOML
 from tests.test_trainer_crash import stored
 from tests.traffic_factory import publish_traffic
@@ -21,7 +22,7 @@ from trainer.schedule import Schedule, StopSignals, gate_check, parse_duration, 
 
 def test_durations_read_like_a_crontab_user_would_write_them():
     assert [parse_duration(t) for t in ("90", "90s", "10m", "2h")] == [90, 90, 600, 7200]
-    with pytest.raises(ValueError, match="duration like 90s"):
+    with pytest.raises(UserError, match="duration like 90s"):
         parse_duration("soon")
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from fuseloop.errors import UserError
 from fuseloop.metrics import MetricsRegistry
 
 
@@ -40,9 +41,9 @@ def parse_duration(text: str) -> float:
     try:
         value = float(t[:-1] if scale else t) * (scale or 1)
     except ValueError:
-        raise ValueError(f"--every {text!r}: give a duration like 90s, 10m or 2h") from None
+        raise UserError(f"--every {text!r}: give a duration like 90s, 10m or 2h") from None
     if value <= 0:
-        raise ValueError(f"--every {text!r}: the duration must be positive")
+        raise UserError(f"--every {text!r}: the duration must be positive")
     return value
 
 

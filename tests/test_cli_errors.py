@@ -1,0 +1,91 @@
+"""Ops commands answer bad input with one line, `error: ...`, and a non-zero exit code; no
+traceback. Run as subprocesses against a live inference server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from fuseloop.repository import ModelRepository
+from services.inference.config import InferenceServiceConfig
+from services.inference.runtime.onnx_runtime import OnnxRuntime
+from services.inference.server import InferenceServer, ServerThread
+
+TOKEN = "cli-admin-token"
+
+
+@pytest.fixture(scope="module")
+def server(shared_repo_dir, tmp_path_factory):
+    state = tmp_path_factory.mktemp("cli-errors") / "serving.json"
+    thread = ServerThread(InferenceServer(InferenceServiceConfig(port=0, admin_token=TOKEN), OnnxRuntime(),
+                                          ModelRepository(shared_repo_dir), state_path=state)).start()
+    yield thread.address
+    thread.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fuseloop(*args: str, token: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "FUSELOOP_ADMIN_TOKEN"}
+    if token is not None:
+        env["FUSELOOP_ADMIN_TOKEN"] = token
+    return subprocess.run([sys.executable, "-m", "fuseloop.cli", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+def test_deploying_a_missing_version_says_what_the_server_said(server):
+    line = one_line_error(fuseloop("models", "deploy", "9", "--server", server, token=TOKEN))
+    assert "version 9" in line and server in line and "NOT_FOUND" in line
+
+
+def test_a_missing_or_wrong_admin_token_says_how_to_give_one(server):
+    missing = one_line_error(fuseloop("models", "list", "--server", server))
+    assert "UNAUTHENTICATED" in missing and "--admin-token" in missing
+    wrong = one_line_error(fuseloop("models", "rollback", "--server", server, "--admin-token", "nope"))
+    assert "PERMISSION_DENIED" in wrong
+
+
+def test_an_unreachable_server_is_named(server):
+    target = f"127.0.0.1:{free_port()}"
+    line = one_line_error(fuseloop("models", "list", "--server", target, token=TOKEN))
+    assert f"cannot reach {target}" in line
+
+
+def test_a_deploy_without_a_version_number_or_server(server):
+    assert "version number" in one_line_error(fuseloop("models", "deploy", "--server", server, token=TOKEN))
+    assert "needs --server" in one_line_error(fuseloop("models", "rollback", token=TOKEN))
+
+
+def test_train_with_bad_inputs(tmp_path, shared_repo_dir):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[gate]\nkl_budget = [1]\n")
+    bus = f"sqlite:///{tmp_path / 'bus.db'}"
+    line = one_line_error(fuseloop("train", "--repo", str(shared_repo_dir), "--bus", bus, "--config", str(bad)))
+    assert "gate.kl_budget must be float" in line
+    assert "does not exist" in one_line_error(fuseloop("train", "--repo", str(tmp_path / "none"), "--bus", bus))
+    assert "unknown bus URL" in one_line_error(fuseloop("train", "--repo", str(shared_repo_dir), "--bus", "nats://x"))
+    assert "--every" in one_line_error(fuseloop("train", "--repo", str(shared_repo_dir), "--bus", bus,
+                                                "--every", "soon"))
+
+
+def test_serve_with_bad_flags(tmp_path, shared_repo_dir):
+    assert "does not exist" in one_line_error(fuseloop("serve", "inference", "--repo", str(tmp_path / "none")))
+    line = one_line_error(fuseloop("serve", "inference", "--repo", str(shared_repo_dir), "--tls-cert", "c.pem"))
+    assert "--tls-key" in line
+    assert "no app tokens" in one_line_error(fuseloop("serve", "feedback", "--bus", f"sqlite:///{tmp_path}/b.db"))
