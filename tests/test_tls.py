@@ -63,3 +63,36 @@ def test_inference_service_over_tls(certificate, shared_repo_dir, tmp_path):
             assert status.ready
     finally:
         server.stop()
+
+
+def test_mutual_tls_lets_in_only_clients_with_a_certificate_from_the_client_ca(tmp_path):
+    """The README's example: --tls-cert/--tls-key for the server, --tls-client-ca for mTLS."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=fuseloop-ca",
+            "-keyout", "ca.key", "-out", "ca.pem")
+    for name, ext in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr")
+        (tmp_path / f"{name}.ext").write_text(ext + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    read = lambda name: (tmp_path / name).read_bytes()  # noqa: E731
+    bus = open_bus(f"sqlite:///{tmp_path / 'bus.db'}")
+    config = FeedbackServiceConfig(app_tokens={"tok": "app"}, pseudonym_key=secrets.token_bytes(32), port=0,
+                                   tls=TlsConfig(tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "ca.pem"))
+    event = events_pb2.FeedbackEvent(schema_version=1, event_id="e1", response_id="r1", session_id="s1",
+                                     thumbs=events_pb2.Thumbs(up=True))
+    with FeedbackServer(config, bus) as server:
+        with_cert = grpc.ssl_channel_credentials(read("ca.pem"), read("client.key"), read("client.pem"))
+        with grpc.secure_channel(f"localhost:{server.port}", with_cert) as channel:
+            assert feedback_pb2_grpc.FeedbackServiceStub(channel).Submit(
+                event, timeout=10, metadata=[("authorization", "Bearer tok")]).event_id == "e1"
+        without = grpc.ssl_channel_credentials(read("ca.pem"))
+        with grpc.secure_channel(f"localhost:{server.port}", without) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                feedback_pb2_grpc.FeedbackServiceStub(channel).Submit(
+                    event, timeout=5, metadata=[("authorization", "Bearer tok")])
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    bus.close()
