@@ -168,3 +168,115 @@ def test_a_round_drains_what_was_there_while_traffic_goes_on(bus, fresh_topics, 
         stop.set()
         producer.join()
     assert report["ingest"]["inference_events"] >= len(first.inference)
+
+
+# --- The first round on Kafka: a group that has not joined yet holds no partitions, which is not
+# "nothing there". Each test uses its own group and topics, as a new deployment would.
+
+def fresh_group() -> str:
+    import uuid
+
+    return f"trainer-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.kafka
+def test_the_first_round_of_a_fresh_group_on_fresh_topics_trains_and_deploys(
+        local_kafka, fresh_topics, quick_checkpoint, repo_copy, tmp_path):
+    from services.inference.config import InferenceServiceConfig
+    from services.inference.runtime.onnx_runtime import OnnxRuntime
+    from services.inference.server import InferenceServer, ServerThread
+
+    bus = open_bus(local_kafka.url, client_id="first-round", spool_dir=str(tmp_path / "spool"))
+    repo = ModelRepository(repo_copy)
+    server = ServerThread(InferenceServer(InferenceServiceConfig(port=0, admin_token="admin"), OnnxRuntime(), repo,
+                                          state_path=tmp_path / "serving.json")).start()
+    try:
+        # The demo's order: the services write first (creating the topics), then the trainer's
+        # first round subscribes and joins a group the broker has never seen.
+        traffic = publish_traffic(bus, fresh_topics, quick_checkpoint, requests=40)
+        config = TrainConfig(workdir=tmp_path / "work", **{**FAST, "ingest": IngestConfig(group=fresh_group())})
+        trainer = Trainer(config, bus, repo, fresh_topics, deployer=AdminDeployer(server.address, "admin"))
+        report = trainer.run_round()
+        trainer.close()
+    finally:
+        server.stop()
+        bus.close()
+    assert report["ingest"]["joined"]
+    assert report["ingest"]["inference_events"] == len(traffic.inference)
+    assert report["ingest"]["feedback_events"] == len(traffic.feedback)
+    assert report["deployed"] and report["version"] == 3
+
+
+@pytest.mark.kafka
+def test_topics_that_appear_after_the_trainer_joined_are_read_by_its_next_round(
+        local_kafka, fresh_topics, quick_checkpoint, repo_copy, tmp_path):
+    bus = open_bus(local_kafka.url, client_id="late-topics", spool_dir=str(tmp_path / "spool"))
+    config = TrainConfig(workdir=tmp_path / "work", **{**FAST, "ingest": IngestConfig(group=fresh_group())})
+    trainer = Trainer(config, bus, ModelRepository(repo_copy), fresh_topics)
+    try:
+        before = trainer.run_round()  # subscribed before anything was written
+        traffic = publish_traffic(bus, fresh_topics, quick_checkpoint, requests=20)
+        after = trainer.run_round()  # the same consumer: kafka-python would refresh metadata in 5 minutes
+    finally:
+        trainer.close()
+        bus.close()
+    assert before["ingest"]["records"] == 0 and "skipped" in before
+    assert after["ingest"]["inference_events"] == len(traffic.inference)
+    assert after["ingest"]["feedback_events"] == len(traffic.feedback)
+    assert after["version"] == 3
+
+
+class ThreadGather:
+    """ProcessGroup.gather for trainer "processes" that are threads: every member's view, in rank order."""
+
+    def __init__(self, members: int) -> None:
+        import threading
+
+        self.barrier, self.views = threading.Barrier(members, timeout=60), [None] * members
+
+    def for_rank(self, rank: int):
+        def gather(view) -> list:
+            self.views[rank] = view
+            self.barrier.wait()
+            out = list(self.views)
+            self.barrier.wait()
+            return out
+        return gather
+
+
+@pytest.mark.kafka
+def test_two_trainers_joining_a_fresh_group_split_the_partitions_and_read_every_event_once(
+        local_kafka, fresh_topics, tmp_path):
+    import threading
+
+    from fuseloop.events import EVENT_SCHEMA_VERSION, new_id
+    from trainer.ingest import Ingestor
+    from trainer.store import DatasetStore
+
+    bus = open_bus(local_kafka.url, client_id="two-trainers", spool_dir=str(tmp_path / "spool"))
+    sent = []
+    for i in range(60):
+        ev = events_pb2.FeedbackEvent(schema_version=EVENT_SCHEMA_VERSION, event_id=new_id(), response_id=new_id(),
+                                      app_id="a", session_id=f"s{i}", thumbs=events_pb2.Thumbs(up=True))
+        bus.publish(fresh_topics.feedback, f"s{i}".encode(), ev.SerializeToString())
+        sent.append(ev.event_id)
+    group, gather = fresh_group(), ThreadGather(2)
+    ingestors = [Ingestor(bus, DatasetStore(tmp_path / f"rank-{r}.db"), fresh_topics, IngestConfig(group=group))
+                 for r in (0, 1)]
+    reports: list = [None, None]
+
+    def rank(r: int) -> None:
+        reports[r] = ingestors[r].ingest(1, gather=gather.for_rank(r))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    read = [{e for (e,) in i.store.db.execute("SELECT event_id FROM feedback")} for i in ingestors]
+    for i in ingestors:
+        i.close()
+    bus.close()
+    assert all(r.joined for r in reports)
+    assert read[0] and read[1] and not read[0] & read[1]  # each rank its own partitions
+    assert read[0] | read[1] == set(sent)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from fuseloop.bus import BusConsumer, EventBus, Record, TopicConfig
+from fuseloop.bus import Assignment, BusConsumer, EventBus, Record, TopicConfig
 from fuseloop.bus.dedupe import dedupe_key
 from fuseloop.events import EVENT_SCHEMA_VERSION, dead_letter, signal_kind
 from fuseloop.v1 import events_pb2
@@ -25,7 +26,9 @@ class IngestConfig:
     max_events: int = 200_000  # per round; with live traffic a round takes what is there, up to this
     poll_records: int = 1000
     poll_timeout_s: float = 0.5
-    idle_polls: int = 2  # empty polls in a row that mean "caught up"
+    idle_polls: int = 2  # empty polls in a row that mean "caught up" (only once the group has settled)
+    join_timeout_s: float = 30.0  # how long a round waits for the group to hand out every partition
+    catch_up_timeout_s: float = 60.0  # how long empty polls may go on below the round's end offsets
 
 
 @dataclass
@@ -38,6 +41,8 @@ class IngestReport:
     feedback_by_kind: Counter = field(default_factory=Counter)
     offsets_from: dict = field(default_factory=dict)
     offsets_to: dict = field(default_factory=dict)
+    join_seconds: float = 0.0
+    joined: bool = False  # every partition of the topics was assigned to a member before reading
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -45,12 +50,23 @@ class IngestReport:
                 "feedback_events": self.feedback_events, "duplicates": self.duplicates,
                 "dead_letters": dict(self.dead_letters), "feedback_by_kind": dict(self.feedback_by_kind),
                 "offsets_from": _offsets_json(self.offsets_from), "offsets_to": _offsets_json(self.offsets_to),
-                "seconds": round(self.seconds, 2)}
+                "joined": self.joined, "join_seconds": round(self.join_seconds, 2), "seconds": round(self.seconds, 2)}
 
 
 def _reached(position: dict[tuple[str, int], int], snapshot: dict[tuple[str, int], int]) -> bool:
     """Every partition still assigned has been read up to its snapshot end."""
     return all(position.get(tp, 0) >= end for tp, end in snapshot.items() if tp in position)
+
+
+def group_settled(views: list[Assignment]) -> bool:
+    """Every member settled in the same generation, on the same topics, and together they hold
+    each partition of those topics exactly once."""
+    first = views[0]
+    if not all(v.settled and v.generation == first.generation and v.topic_partitions == first.topic_partitions
+               for v in views):
+        return False
+    held = [tp for v in views for tp in v.partitions]
+    return len(held) == len(set(held)) and set(held) == first.every_partition()
 
 
 def _offsets_json(offsets: dict[tuple[str, int], int]) -> dict[str, int]:
@@ -73,20 +89,43 @@ class Ingestor:
             self._consumer.close()
             self._consumer = None
 
-    def ingest(self, round_: int) -> IngestReport:
-        """Reads what the bus holds for the group (up to max_events) into the store."""
+    def join(self, gather: Callable[[object], list] = lambda view: [view]) -> bool:
+        """Waits, up to join_timeout_s, until the group has handed out every partition of the topics
+        as they exist now. `gather` collects every trainer process's view, in the same order on
+        each, so processes sharing the group wait for one another and all decide alike.
+        False: it timed out, and the round reads what it holds."""
+        consumer = self.consumer()
+        deadline = time.monotonic() + self.config.join_timeout_s
+        while True:
+            mine = consumer.join(max(0.0, deadline - time.monotonic()))
+            # Each process's clock says when it gives up; gathered, the first to give up stops all.
+            views = gather((mine, time.monotonic() >= deadline))
+            if group_settled([view for view, _ in views]):
+                return True
+            if any(out_of_time for _, out_of_time in views):
+                return False
+            time.sleep(0.2)  # a member still in an old generation learns of the rebalance by heartbeat
+
+    def ingest(self, round_: int, gather: Callable[[object], list] = lambda view: [view]) -> IngestReport:
+        """Reads what the bus held for the group at the round's start (up to max_events) into the store."""
         t0 = time.perf_counter()
         report = IngestReport()
         consumer = self.consumer()
+        report.joined = self.join(gather)
+        report.join_seconds = time.perf_counter() - t0
         idle = 0
         # A round drains what was on the bus when it started: traffic goes on meanwhile.
         snapshot = consumer.end_offsets()
-        while report.records < self.config.max_events and idle < self.config.idle_polls:
+        catch_up_until = time.monotonic() + self.config.catch_up_timeout_s
+        while report.records < self.config.max_events:
             if snapshot and _reached(consumer.position(), snapshot):
                 break
             records = consumer.poll(self.config.poll_records, self.config.poll_timeout_s)
             if not records:
                 idle += 1
+                # Below the end offsets, an empty poll is a slow fetch (or a rebalance), not the end.
+                if idle >= self.config.idle_polls and (not snapshot or time.monotonic() >= catch_up_until):
+                    break
                 continue
             idle = 0
             self._store_batch(records, round_, report)

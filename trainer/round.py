@@ -119,7 +119,7 @@ class Trainer:
     def run_round(self) -> dict:
         t0 = time.perf_counter()
         round_ = self.group.highest(self.store.last_round()) + 1
-        ingest = self.ingestor.ingest(round_)
+        ingest = self.ingestor.ingest(round_, gather=self.group.gather)
         report: dict = {"round": round_, "config": to_dict(self.config), "ingest": ingest.to_dict()}
         data = build_training_set(self.store, self.store.feedback())
         self._settle_unjoined(data.unjoined, round_, report)

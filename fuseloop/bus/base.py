@@ -62,6 +62,19 @@ class EventBus(ABC):
         """Flushes and releases resources."""
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """What one consumer-group member holds after joining, as it sees the group."""
+
+    generation: int  # the group generation these partitions belong to; -1 where the bus has no generations
+    partitions: frozenset  # {(topic, partition)} this member reads
+    topic_partitions: dict  # {topic: partition count} of the subscribed topics that exist
+    settled: bool  # the member holds an assignment for the topics as they are now (no rejoin pending)
+
+    def every_partition(self) -> set[tuple[str, int]]:
+        return {(t, p) for t, n in self.topic_partitions.items() for p in range(n)}
+
+
 class BusConsumer(ABC):
     @abstractmethod
     def poll(self, max_records: int = 500, timeout_s: float = 1.0) -> list[Record]:
@@ -79,6 +92,12 @@ class BusConsumer(ABC):
     def end_offsets(self) -> dict[tuple[str, int], int]:
         """Next offset to be written per (topic, partition) assigned to this member, now: reading
         up to these drains what was there when asked, while producers keep writing."""
+
+    @abstractmethod
+    def join(self, timeout_s: float) -> Assignment:
+        """Joins the group (or catches up with a rebalance) and waits, up to `timeout_s`, until this
+        member holds its partitions of every subscribed topic that exists now. A consumer that has
+        not joined yet holds nothing, which must not be mistaken for "nothing there"."""
 
     def close(self) -> None:
         """Leaves the group without committing."""

@@ -26,7 +26,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from fuseloop.bus.base import BusConsumer, BusError, EventBus, Record
+from fuseloop.bus.base import Assignment, BusConsumer, BusError, EventBus, Record
 from fuseloop.bus.spool import Spool, SpooledRecord
 
 log = logging.getLogger(__name__)
@@ -355,6 +355,36 @@ class KafkaBusConsumer(BusConsumer):
 
     def position(self) -> dict[tuple[str, int], int]:
         return {(tp.topic, tp.partition): self._consumer.position(tp) for tp in self._consumer.assignment()}
+
+    def join(self, timeout_s: float) -> Assignment:
+        """Drives the group protocol (without fetching records) until this member is in a stable
+        generation whose assignment was made for the subscribed topics as they exist now.
+
+        kafka-python joins only inside poll(), and learns about topics created after subscribe()
+        only at its next metadata refresh (metadata_max_age_ms, 5 minutes): a round that just polled
+        twice saw no partitions and concluded that the bus was empty."""
+        deadline = time.monotonic() + timeout_s
+        coordinator = self._consumer._coordinator  # kafka-python has no public "join the group" call
+        topics: dict[str, int] = {}
+        try:
+            while True:
+                # A full metadata request (it does not auto-create topics on 0.9, unlike a request
+                # naming them); the coordinator sees new topics or partitions and rejoins.
+                existing = self._consumer.topics()
+                topics = {t: len(self._consumer.partitions_for_topic(t) or ())
+                          for t in sorted(self._consumer.subscription() or ()) if t in existing}
+                left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                coordinator.poll(timeout_ms=min(left_ms, 500))
+                generation = coordinator.generation_if_stable()
+                assigned = frozenset((tp.topic, tp.partition) for tp in self._consumer.assignment())
+                settled = (generation is not None and not coordinator.need_rejoin()
+                           and {t for t, _ in assigned} <= set(topics))
+                if settled or time.monotonic() >= deadline:
+                    gen_id = generation.generation_id if generation is not None else -1
+                    return Assignment(gen_id, assigned, topics, settled)
+                time.sleep(0.05)
+        except KafkaError as e:
+            raise BusError(f"Kafka group join failed: {e}") from e
 
     def end_offsets(self) -> dict[tuple[str, int], int]:
         assigned = list(self._consumer.assignment())

@@ -21,7 +21,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fuseloop.bus.base import BusConsumer, BusError, EventBus, Record
+from fuseloop.bus.base import Assignment, BusConsumer, BusError, EventBus, Record
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -173,6 +173,11 @@ class SqliteConsumer(BusConsumer):
     def position(self) -> dict[tuple[str, int], int]:
         self._rebalance()
         return dict(self._positions)
+
+    def join(self, timeout_s: float) -> Assignment:
+        # Members register when created and split the partitions on every call: nothing to wait for.
+        self._rebalance()
+        return Assignment(-1, frozenset(self._positions), {t: self.config.partitions for t in self.topics}, True)
 
     def end_offsets(self) -> dict[tuple[str, int], int]:
         self._rebalance()
