@@ -189,3 +189,98 @@ def test_repository_load_and_unload_follow_the_version_policy_and_need_the_admin
     for model in MODELS:
         client.load_model(model, headers=ADMIN)
         assert client.is_model_ready(model, "2")
+
+
+def _with(model, cfg, **changes):
+    arrays = inputs_for(model, cfg)
+    for name, fn in changes.items():
+        arrays[name] = fn(arrays[name])
+    return arrays
+
+
+@pytest.mark.parametrize("model, change, message", [
+    (ENCODER, {"prompt_ids": lambda a: a + 1000}, "input prompt_ids: "),
+    (DECODER, {"position_ids": lambda a: a + 1000}, "outside the position table"),
+    (ENCODER, {"prompt_ids": lambda a: a[:, :0], "prompt_mask": lambda a: a[:, :0]}, "input prompt_ids: dimension 1 is 0"),
+    (DECODER, {"attention_mask": lambda a: a[:, :-1]}, "input attention_mask has length"),
+    (REWARD, {"response_mask": lambda a: a * 7}, "input response_mask: mask values must be 0 or 1"),
+])
+def test_each_class_of_graph_mistake_is_an_invalid_argument_naming_the_input(client, local, model, change, message):
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(model, infer_inputs(_with(model, local.manifest.model_config, **change)))
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and message in err.value.message()
+
+
+@pytest.mark.parametrize("shape", [[2**32, 2**32, 1, 1], [-1, 3, 32, 32], [3, 3, 32, -32]])
+def test_shapes_that_overflow_or_go_negative_are_invalid_arguments(client, local, shape):
+    inputs = infer_inputs(inputs_for(ENCODER, local.manifest.model_config))
+    inputs[0].set_shape(shape)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(ENCODER, inputs)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "pixel_values" in err.value.message()
+
+
+@pytest.mark.parametrize("version", ["\u00b2", "\u0662", "1" * 40, "-1"])
+def test_versions_that_isdigit_accepts_but_int_does_not_are_invalid_arguments(client, local, version):
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(ENCODER, infer_inputs(inputs_for(ENCODER, local.manifest.model_config)), model_version=version)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "model_version" in err.value.message()
+    for call in (client.is_model_ready, client.get_model_metadata):
+        with pytest.raises(InferenceServerException) as err:
+            call(ENCODER, version)
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_fuzzed_model_infer_requests_never_get_unknown_or_internal(server, client, local):
+    """Seeded mutations of valid requests: every answer is OK or a client-error status."""
+    rng = np.random.default_rng(13)
+    valid = {}
+    for model in MODELS:
+        req = service_pb2.ModelInferRequest(model_name=model)
+        for name, arr in inputs_for(model, local.manifest.model_config, batch=2).items():
+            req.inputs.add(name=name, datatype="FP32" if arr.dtype == np.float32 else "INT64", shape=arr.shape)
+            req.raw_input_contents.append(arr.tobytes())
+        valid[model] = req
+    bad = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+    with grpc.insecure_channel(server.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        futures = []
+        for i in range(600):
+            req = service_pb2.ModelInferRequest()
+            req.CopyFrom(valid[MODELS[i % 3]])
+            for _ in range(rng.integers(1, 4)):
+                k = int(rng.integers(len(req.inputs)))
+                what = rng.integers(8)
+                if what == 0:
+                    req.inputs[k].shape[int(rng.integers(len(req.inputs[k].shape)))] = int(rng.integers(-2**62, 2**62))
+                elif what == 1:
+                    req.inputs[k].datatype = str(rng.choice(["FP16", "BYTES", "INT32", "", "FP64", "BOOL"]))
+                elif what == 2:
+                    req.raw_input_contents[k] = req.raw_input_contents[k][: int(rng.integers(0, 64))]
+                elif what == 3:
+                    req.raw_input_contents[k] = rng.integers(0, 256, len(req.raw_input_contents[k]), dtype=np.uint8).tobytes()
+                elif what == 4:
+                    req.model_version = str(rng.choice(["\u00b2", "\u0663", "2", "99", "x", "9" * 30]))
+                elif what == 5:
+                    req.inputs[k].name = req.inputs[(k + 1) % len(req.inputs)].name
+                elif what == 6:
+                    del req.inputs[k]
+                else:
+                    req.inputs[k].shape[:] = [1] * int(rng.integers(0, 12))
+            futures.append(stub.ModelInfer.future(req))
+            if i % 50 == 0:
+                futures.append(stub.ModelMetadata.future(service_pb2.ModelMetadataRequest(
+                    name=str(rng.choice(MODELS + ("nope",))), version=str(rng.choice(["", "2", "\u00b3", "1" * 25])))))
+                futures.append(stub.ModelReady.future(service_pb2.ModelReadyRequest(
+                    name=str(rng.choice(MODELS)), version=str(rng.choice(["", "2", "\u0664"])))))
+        codes = []
+        for f in futures:
+            try:
+                f.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+        assert not bad & set(codes), [c for c in codes if c in bad][:5]
+        assert stub.ServerLive(service_pb2.ServerLiveRequest()).live
+        assert stub.ServerReady(service_pb2.ServerReadyRequest()).ready
+        stub.ModelInfer(valid[REWARD])

@@ -24,25 +24,20 @@ from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 from fuseloop.repository import DECODER, ENCODER, MODELS, REWARD, RepositoryError
 from services.inference.admin import AdminAuth
 from services.inference.deployment import Deployment, Lease, ServedVersion
+from services.inference.kserve_inputs import KServeError, check_graph_inputs, decode_input, invalid, parse_version
+from services.inference.metrics import InferenceMetrics
 from services.inference.runtime.base import LoadedVersion
+
+try:  # ONNX Runtime's own verdicts on bad input: passed through as INVALID_ARGUMENT
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
+except ImportError:  # pragma: no cover - a runtime without onnxruntime
+    OrtInvalidArgument = ()
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "onnxruntime_onnx"
 # The LoadedVersion call behind each model; its parameters are named like the graph's inputs.
 CALLS = {ENCODER: "encode", DECODER: "decode_step", REWARD: "score"}
-TYPED_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-                  "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-                  "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
-                  "FP64": "fp64_contents"}
-
-
-class KServeError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def run_model(loaded: LoadedVersion, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One graph of a loaded version, by tensor names (the manifest's signature)."""
     result = getattr(loaded, CALLS[model])(**inputs)
@@ -53,28 +48,6 @@ def run_model(loaded: LoadedVersion, model: str, inputs: dict[str, np.ndarray]) 
 
 def read_model_config(path) -> model_config_pb2.ModelConfig:
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-
-
-def decode_input(tensor, raw: bytes | None) -> np.ndarray:
-    """A request tensor (raw bytes or typed contents) -> numpy, checked against its declared shape."""
-    shape = tuple(int(d) for d in tensor.shape)
-    if any(d < 0 for d in shape):
-        raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"input {tensor.name}: negative dimension in shape {list(shape)}")
-    if tensor.datatype not in TYPED_CONTENTS:
-        raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"input {tensor.name}: datatype {tensor.datatype} is not supported")
-    dtype = np.dtype(triton_to_np_dtype(tensor.datatype))
-    count = int(np.prod(shape, dtype=np.int64))
-    if raw is not None:
-        if len(raw) != count * dtype.itemsize:
-            raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"input {tensor.name}: {len(raw)} bytes of raw contents for shape {list(shape)} "
-                              f"{tensor.datatype} (expected {count * dtype.itemsize})")
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    values = getattr(tensor.contents, TYPED_CONTENTS[tensor.datatype])
-    if len(values) != count:
-        raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"input {tensor.name}: {len(values)} values for shape {list(shape)} (expected {count})")
-    return np.asarray(values, dtype=dtype).reshape(shape)
 
 
 class KServeModels:
@@ -126,9 +99,7 @@ class KServeModels:
             if serving is None:
                 raise KServeError(grpc.StatusCode.UNAVAILABLE, f"no version of {name} is loaded yet")
             return serving.lease()
-        if not version.isdigit():
-            raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"model_version must be a number, got {version!r}")
-        v = int(version)
+        v = parse_version(version, name)
         if serving is not None and serving.version == v:
             return serving.lease()
         if v in self._extra:
@@ -179,8 +150,10 @@ class KServeModels:
 
 
 class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: KServeModels, auth: AdminAuth, executor: Executor, server_name: str = "fuseloop") -> None:
+    def __init__(self, models: KServeModels, auth: AdminAuth, executor: Executor, server_name: str = "fuseloop",
+                 metrics: InferenceMetrics | None = None) -> None:
         self.models = models
+        self.metrics = metrics
         self.auth = auth
         self.executor = executor
         self.server_name = server_name
@@ -204,7 +177,10 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
             return service_pb2.ModelReadyResponse(ready=False)
         versions = self.models.versions(request.name)
         if request.version:
-            ready = request.version.isdigit() and int(request.version) in versions
+            try:
+                ready = parse_version(request.version, request.name) in versions
+            except KServeError as e:
+                await context.abort(e.code, str(e))
         else:
             ready = self.models.deployment.serving is not None and not self.models.is_unloaded(request.name)
         return service_pb2.ModelReadyResponse(ready=ready)
@@ -227,6 +203,8 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._guard(context, self._config, request)
 
     def _config(self, request) -> service_pb2.ModelConfigResponse:
+        if request.version:
+            parse_version(request.version, request.name)
         return service_pb2.ModelConfigResponse(config=self.models.config(request.name))
 
     async def RepositoryIndex(self, request, context):
@@ -267,11 +245,15 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 try:
                     outputs = await asyncio.get_running_loop().run_in_executor(
                         self.executor, run_model, lease.loaded, request.model_name, inputs)
+                except OrtInvalidArgument as e:
+                    raise invalid(f"{request.model_name}: {e}") from None
                 except Exception as e:
-                    log.warning("%s inference failed: %s", request.model_name, e)
-                    raise KServeError(grpc.StatusCode.INTERNAL, f"{request.model_name} inference failed: {e}") from None
+                    raise self._internal(f"{request.model_name} inference failed: {e}") from None
                 version = lease.loaded.version
         except KServeError as e:
+            await context.abort(e.code, str(e))
+        except Exception as e:  # a bug in this server, never the client's doing
+            e = self._internal(f"{request.model_name} ModelInfer failed: {e}")
             await context.abort(e.code, str(e))
         response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=str(version), id=request.id)
         for name in wanted or known:
@@ -291,10 +273,14 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
             spec = specs.get(tensor.name)
             if spec is None:
                 raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"unknown input {tensor.name!r} of {request.model_name}; inputs: {', '.join(specs)}")
+                                  f"unknown input {tensor.name[:60]!r} of {request.model_name}; inputs: {', '.join(specs)}")
+            if tensor.name in inputs:
+                raise invalid(f"input {tensor.name} is given twice")
             if tensor.datatype != spec.datatype:
                 raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"input {tensor.name} is {spec.datatype}, not {tensor.datatype}")
+                                  f"input {tensor.name} is {spec.datatype}, not {tensor.datatype[:40]}")
+            if len(tensor.shape) != len(spec.shape):
+                raise invalid(f"input {tensor.name} has shape {list(tensor.shape)}; the model takes {list(spec.shape)}")
             arr = decode_input(tensor, raw[k] if raw else None)
             if arr.ndim != len(spec.shape) or any(s >= 0 and s != d for s, d in zip(spec.shape, arr.shape)):
                 raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -306,16 +292,29 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         batches = {a.shape[0] for a in inputs.values()}
         if len(batches) > 1:
             raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"inputs disagree on the batch size: {sorted(batches)}")
+        if 0 in batches:
+            raise invalid(f"the batch is empty (batch size 0); send at least one row of {request.model_name}")
         max_batch = self.models.config(request.model_name).max_batch_size
         if max_batch > 0 and batches and max(batches) > max_batch:
             raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"batch size {max(batches)} exceeds {request.model_name}'s max_batch_size {max_batch}")
+        check_graph_inputs(request.model_name, inputs, loaded.manifest.model_config)
         return inputs
+
+    def _internal(self, message: str) -> KServeError:
+        """A real server fault: logged with its traceback and counted."""
+        log.exception(message)
+        if self.metrics is not None:
+            self.metrics.kserve_internal_errors.inc()
+        return KServeError(grpc.StatusCode.INTERNAL, message)
 
     async def _guard(self, context, fn, request):
         try:
             return fn(request)
         except KServeError as e:
+            await context.abort(e.code, str(e))
+        except Exception as e:
+            e = self._internal(f"{type(request).__name__} failed: {e}")
             await context.abort(e.code, str(e))
 
     async def _guard_async(self, context, coro, response):

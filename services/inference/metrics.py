@@ -37,6 +37,8 @@ class InferenceMetrics(MetricsRegistry):
         self.events_published = Counter("fuseloop_inference_events_published", "Inference events on the bus", registry=r)
         self.event_failures = Counter("fuseloop_inference_event_failures",
                                       "Inference events lost (bus error or publish backlog full)", ["reason"], registry=r)
+        self.kserve_internal_errors = Counter("fuseloop_kserve_internal_errors",
+                                              "KServe v2 calls answered INTERNAL (server faults, logged)", registry=r)
         self.deploys = Counter("fuseloop_inference_deploys", "Version swaps", registry=r)
         # Children the worker threads update on every step, looked up once.
         self.encode_batch, self.decode_batch, self.score_batch = (self.batch_size.labels(k) for k in ("encode", "decode", "score"))

@@ -114,7 +114,7 @@ class InferenceServer:
                     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"], inference_pb2_grpc.InferenceServiceServicer)
         add_service(server, AdminService(self.deployment, auth, self.runtime.name),
                     admin_pb2.DESCRIPTOR.services_by_name["AdminService"], admin_pb2_grpc.AdminServiceServicer)
-        add_service(server, KServeService(self.kserve_models, auth, self.executor),
+        add_service(server, KServeService(self.kserve_models, auth, self.executor, metrics=self.metrics),
                     service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
                     service_pb2_grpc.GRPCInferenceServiceServicer)
         self.health = health.aio.HealthServicer()
