@@ -33,15 +33,18 @@ def _train(args: argparse.Namespace) -> int:
     from fuseloop.repository import ModelRepository
     from trainer.deploy import make_deployer
     from trainer.round import Trainer
-    from trainer.schedule import Schedule, StopSignals, parse_duration, pending_feedback
+    from trainer.schedule import Schedule, StopSignals, parse_duration, pending_feedback, run_scheduled
 
     config = train_config(args)
     if args.print_config:
         print(to_toml(config), end="")
         return 0
     scheduled = args.every is not None or args.when_feedback is not None
-    schedule = Schedule(every_s=parse_duration(args.every) if args.every else None, when_feedback=args.when_feedback,
-                        max_rounds=args.rounds if args.rounds is not None else (None if scheduled else 1))
+    max_rounds = args.rounds if args.rounds is not None else (None if scheduled else 1)
+    # One-shot mode runs its rounds back to back, as before.
+    schedule = (Schedule(every_s=parse_duration(args.every) if args.every else None,
+                         when_feedback=args.when_feedback, max_rounds=max_rounds)
+                if scheduled else Schedule(every_s=0.0, max_rounds=max_rounds))
     if not Path(args.repo).is_dir():
         raise UserError(f"the model repository {args.repo} does not exist: run `fuseloop export` into it first")
     topics = TopicConfig(args.inference_topic, args.feedback_topic, args.dead_letter_topic)
@@ -54,12 +57,8 @@ def _train(args: argparse.Namespace) -> int:
     metrics, registry = _trainer_metrics(args.metrics_port)
     try:
         with StopSignals() as signals:
-            if not scheduled:  # one-shot: rounds back to back, as before
-                schedule = Schedule(every_s=0.0, max_rounds=schedule.max_rounds)
-            else:
+            if scheduled:
                 print(f"trainer waiting for rounds ({_describe(schedule)})", file=sys.stderr, flush=True)
-            from trainer.schedule import run_scheduled
-
             run_scheduled(trainer.run_round, lambda: pending_feedback(trainer.ingestor.consumer(), topics.feedback),
                           schedule, signals, metrics,
                           on_report=lambda r: print(json.dumps(r, indent=2, default=str), flush=True))
