@@ -4,6 +4,7 @@ dedupe, dead letters, publish and redeploy through the inference service's admin
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -269,8 +270,11 @@ def test_two_trainers_joining_a_fresh_group_split_the_partitions_and_read_every_
         reports[r] = ingestors[r].ingest(1, gather=gather.for_rank(r))
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    # Rank 1 comes late: rank 0 has settled alone and must rejoin while it waits for rank 1's view.
+    ingestors[0].consumer().join(10.0)
     for t in threads:
         t.start()
+        time.sleep(1.5)
     for t in threads:
         t.join(timeout=90)
     read = [{e for (e,) in i.store.db.execute("SELECT event_id FROM feedback")} for i in ingestors]

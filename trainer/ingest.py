@@ -28,6 +28,7 @@ class IngestConfig:
     poll_timeout_s: float = 0.5
     idle_polls: int = 2  # empty polls in a row that mean "caught up" (only once the group has settled)
     join_timeout_s: float = 30.0  # how long a round waits for the group to hand out every partition
+    join_slice_s: float = 1.0  # each member compares views this often; it must stay well under the session timeout
     catch_up_timeout_s: float = 60.0  # how long empty polls may go on below the round's end offsets
 
 
@@ -97,7 +98,10 @@ class Ingestor:
         consumer = self.consumer()
         deadline = time.monotonic() + self.config.join_timeout_s
         while True:
-            mine = consumer.join(max(0.0, deadline - time.monotonic()))
+            # Short slices: a member that settled first keeps driving its coordinator (heartbeats,
+            # rejoins) while it waits for the others. Blocked in `gather` for a whole session timeout
+            # (on 0.9 that is also the poll timeout), it would be dropped and the group never settles.
+            mine = consumer.join(max(0.0, min(self.config.join_slice_s, deadline - time.monotonic())))
             # Each process's clock says when it gives up; gathered, the first to give up stops all.
             views = gather((mine, time.monotonic() >= deadline))
             if group_settled([view for view, _ in views]):
