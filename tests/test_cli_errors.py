@@ -89,3 +89,10 @@ def test_serve_with_bad_flags(tmp_path, shared_repo_dir):
     line = one_line_error(fuseloop("serve", "inference", "--repo", str(shared_repo_dir), "--tls-cert", "c.pem"))
     assert "--tls-key" in line
     assert "no app tokens" in one_line_error(fuseloop("serve", "feedback", "--bus", f"sqlite:///{tmp_path}/b.db"))
+
+
+def test_train_against_an_unreachable_broker_names_it(tmp_path, shared_repo_dir):
+    bus = f"kafka://127.0.0.1:{free_port()}?api_version=0.9"
+    line = one_line_error(fuseloop("train", "--repo", str(shared_repo_dir), "--bus", bus, "--rounds", "1",
+                                   "--workdir", str(tmp_path / "work")))
+    assert "cannot reach Kafka at 127.0.0.1:" in line

@@ -7,9 +7,14 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from fuseloop.errors import UserError
 
-class BusError(Exception):
-    """The bus could not take or give events (unreachable, or over a capacity limit)."""
+
+class BusError(UserError):
+    """The bus could not take or give events (unreachable, or over a capacity limit): the command
+    line answers it in one line."""
+
+    exit_code = 1
 
 
 class BusFull(BusError):

@@ -50,6 +50,7 @@ class KafkaBusConfig:
     replay_batch: int = 1000
     consumer_session_timeout_ms: int = 10_000
     consumer_heartbeat_interval_ms: int = 1_000
+    connect_timeout_s: float = 10.0  # a consumer that gets no metadata within this says the broker is unreachable
     extra_producer_settings: dict = field(default_factory=dict)
 
     @property
@@ -327,6 +328,28 @@ class KafkaBusConsumer(BusConsumer):
         except KafkaError as e:
             raise BusError(f"cannot reach Kafka at {config.bootstrap}: {e}") from e
         self._polled: dict[tuple[str, int], int] = {}
+        self._check_reachable(config)
+
+    def _check_reachable(self, config: KafkaBusConfig) -> None:
+        """With api_version given, kafka-python never bootstraps up front, and its metadata calls wait
+        for a broker forever: a trainer pointed at a wrong address would read "no events" round after
+        round. One metadata request, bounded, tells the two apart."""
+        answer: dict = {}
+
+        def probe() -> None:
+            try:
+                answer["topics"] = self._consumer.topics()
+            except Exception as e:  # reported below, in the caller's thread
+                answer["error"] = e
+
+        thread = threading.Thread(target=probe, name="kafka-probe", daemon=True)
+        thread.start()
+        thread.join(config.connect_timeout_s)
+        if "topics" not in answer:
+            self._consumer.close(autocommit=False)
+            why = answer.get("error") or f"no metadata within {config.connect_timeout_s:g} s"
+            raise BusError(f"cannot reach Kafka at {config.bootstrap}: {why} (is the broker running, "
+                           "and is the bus URL right?)")
 
     def poll(self, max_records: int = 500, timeout_s: float = 1.0) -> list[Record]:
         try:
