@@ -108,6 +108,7 @@ def test_jpeg_is_accepted(stub):
     (dict(sampling=events_pb2.SamplingParams(temperature=float("nan"))), "temperature is nan"),
     (dict(sampling=events_pb2.SamplingParams(top_p=1.5)), "top_p is 1.5"),
     (dict(sampling=events_pb2.SamplingParams(top_p=-0.1)), "top_p is -0.1"),
+    (dict(session_id="\u00e9" * 129), "session_id is 258 bytes; the limit is 256"),
 ])
 def test_out_of_range_generate_requests_are_invalid_arguments_that_say_why(stub, request_kw, message):
     err = refused(stub.Generate, generate(**request_kw))
@@ -237,7 +238,7 @@ def test_fuzzed_native_requests_never_get_unknown_or_internal(server, stub):
                  "GenerateStream": lambda data, **kw: list(
                      channel.unary_stream("/fuseloop.v1.InferenceService/GenerateStream")(data, **kw)),
                  "Score": channel.unary_unary("/fuseloop.v1.InferenceService/Score")}
-        for i in range(240):
+        for i in range(600):
             method = ("Generate", "GenerateStream", "Score")[i % 3]
             request, fields = base[method]
             data, names = mutated(rng, request, fields)
