@@ -100,7 +100,8 @@ def test_an_accepted_event_is_on_the_bus_stamped_by_the_service(bus, fresh_topic
 
 
 @pytest.mark.kafka
-def test_concurrent_unary_submits_of_one_session_reach_kafka_in_the_order_they_were_acknowledged(local_kafka, fresh_topics, tmp_path):
+def test_concurrent_unary_submits_of_one_session_reach_kafka_in_the_order_they_were_acknowledged(
+        local_kafka, fresh_topics, tmp_path):
     """Waves of 8 concurrent Submits per session, a wave only after the last one was acknowledged, 4
     sessions at once: every event acked is on the bus, and no event overtakes one acked before it
     was sent (the producer keeps one request in flight: a retry cannot reorder a session)."""
@@ -407,7 +408,8 @@ def test_fuzzed_feedback_requests_never_get_unknown_or_internal(server, channel,
     submit_batch = channel.unary_unary(f"/{SERVICE_NAME}/SubmitBatch")
     outcomes = []
     for i in range(600):
-        metadata = CHAT if rng.random() > 0.03 else [("authorization", rng.choice(["Bearer nope", "", "bearer token-chat", "Bearer  token-chat"]))]
+        bad_token = rng.choice(["Bearer nope", "", "bearer token-chat", "Bearer  token-chat"])
+        metadata = CHAT if rng.random() > 0.03 else [("authorization", bad_token)]
         timeout = 0.001 if rng.random() < 0.03 else 30
         if i % 2:
             e, names = hostile_event(rng, i)
