@@ -63,6 +63,8 @@ def decode_image(data: bytes, config: PreprocessConfig) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InvalidInput(f"image refused as a decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:  # its message is the repr of our BytesIO: say what it means
+        raise InvalidInput("image could not be decoded as PNG or JPEG: its bytes are no image format") from None
     except Exception as e:  # PIL raises many types for corrupt data
         raise InvalidInput(f"image could not be decoded as PNG or JPEG: {e}") from None
     return img

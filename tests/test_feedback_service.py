@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 
 import grpc
@@ -16,6 +18,7 @@ from fuseloop.v1 import events_pb2 as ev
 from fuseloop.v1 import feedback_pb2 as fb
 from fuseloop.v1 import feedback_pb2_grpc
 from services.feedback.server import SERVICE_NAME, FeedbackServer, FeedbackServiceConfig
+from tests.fuzzing import INTS32, INTS64, STRINGS, Outcome, assert_refusals_are_client_errors, mutate_wire, outcome, unknown_field
 
 SECRET = b"test-pseudonym-key-32-bytes-long"
 TOKENS = {"token-chat": "chat-app", "token-docs": "docs-app"}
@@ -94,6 +97,38 @@ def test_an_accepted_event_is_on_the_bus_stamped_by_the_service(bus, fresh_topic
     assert "alice" not in first.user_id and first.user_id.startswith("u_")
     assert second.user_id == first.user_id, "one user, one pseudonym within an app"
     assert other_app.user_id != first.user_id, "pseudonyms cannot be joined across apps"
+
+
+@pytest.mark.kafka
+def test_concurrent_unary_submits_of_one_session_reach_kafka_in_the_order_they_were_acknowledged(
+        local_kafka, fresh_topics, tmp_path):
+    """Waves of 8 concurrent Submits per session, a wave only after the last one was acknowledged, 4
+    sessions at once: every event acked is on the bus, and no event overtakes one acked before it
+    was sent (the producer keeps one request in flight: a retry cannot reorder a session)."""
+    bus = open_bus(local_kafka.url, spool_dir=str(tmp_path / "spool"))
+    sessions, waves, per_wave = 4, 6, 8
+
+    async def session(stub, s: int) -> None:
+        for w in range(waves):
+            await asyncio.gather(*(stub.Submit(event(f"s{s}-w{w}-{i}", session_id=f"sess-{s}"), metadata=CHAT, timeout=30)
+                                   for i in range(per_wave)))
+
+    async def submit_all(address: str) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+            await asyncio.gather(*(session(stub, s) for s in range(sessions)))
+
+    try:
+        with FeedbackServer(config(fresh_topics), bus) as server:
+            asyncio.run(submit_all(server.address))
+        arrived = published(bus, fresh_topics, sessions * waves * per_wave)
+    finally:
+        bus.close()
+    assert len(arrived) == sessions * waves * per_wave
+    for s in range(sessions):
+        of_session = [e for key, e in arrived if key == f"sess-{s}".encode()]
+        wave_of = [int(e.event_id.split("-w")[1].split("-")[0]) for e in of_session]
+        assert len(of_session) == waves * per_wave and wave_of == sorted(wave_of), (s, wave_of)
 
 
 def test_every_kind_of_feedback_is_accepted(stub):
@@ -296,3 +331,105 @@ def test_the_server_counts_accepted_duplicate_and_refused_calls(server, stub):
         assert time.monotonic() < deadline, "the refused call was not counted"
         time.sleep(0.01)
     assert sample("fuseloop_feedback_requests_total", {"method": "Submit", "code": "OK"}) == 3
+
+
+# Every field of a FeedbackEvent a client sets, with what a refusal about it must mention.
+EVENT_FIELDS = ("schema_version", "event_id", "response_id", "user_id", "session_id", "timestamp_ms", "app_id",
+                "thumbs.up", "rating.stars", "preference.chosen_response_id", "preference.rejected_response_id",
+                "preference.chosen_side", "preference.rejected_side", "correction.text", "implicit.kind",
+                "implicit.dwell_ms", "implicit.display_position", "implicit.num_displayed")
+
+
+def hostile_event(rng: random.Random, n: int) -> tuple[ev.FeedbackEvent, set[str]]:
+    """A valid event of a random kind with 0-3 fields set to hostile values, and the names a refusal may cite."""
+    e = event(f"fuzz-{n}", thumbs=None)
+    e.ClearField("signal")
+    kind = rng.choice(["thumbs", "rating", "preference", "correction", "implicit"])
+    if kind == "thumbs":
+        e.thumbs.up = True
+    elif kind == "rating":
+        e.rating.stars = 4
+    elif kind == "preference":
+        e.response_id = ""
+        e.preference.CopyFrom(ev.Preference(chosen_response_id="r-a", rejected_response_id="r-b", chosen_side=1, rejected_side=2))
+    elif kind == "correction":
+        e.correction.text = "the square"
+    else:
+        e.implicit.CopyFrom(ev.Implicit(kind=ev.IMPLICIT_DWELL, dwell_ms=900, display_position=0, num_displayed=2))
+    names = set()
+    for field in rng.sample(EVENT_FIELDS, rng.randint(0, 3)):
+        *path, leaf = field.split(".")
+        target = e
+        for part in path:
+            target = getattr(target, part)  # setting a field of another kind switches the oneof to it
+        if leaf == "up":
+            value = rng.random() < 0.5
+        elif leaf in ("schema_version",):
+            value = rng.choice([0, 1, 2, 2**32 - 1])
+        elif leaf in ("timestamp_ms", "dwell_ms"):
+            value = rng.choice(INTS64)
+        elif leaf in ("stars", "display_position", "num_displayed", "chosen_side", "rejected_side", "kind"):
+            value = rng.choice(INTS32 + [3, 4, 5, 6, 99])  # enums take unknown values too (proto3 keeps them)
+        else:
+            value = rng.choice(STRINGS + ["r-a", "r-b", "é" * 200])
+        setattr(target, leaf, value)
+        # Switching the signal's kind changes whether response_id is required.
+        names |= {leaf, path[0], "response_id"} if path else {leaf}
+    if rng.random() < 0.05:
+        e.ClearField("signal")
+        names.add("signal")
+    return e, names
+
+
+def names_the_event_field(o: Outcome) -> bool:
+    """A refusal says which field was wrong (or that the bytes are no request, or the batch too big)."""
+    if o.code == grpc.StatusCode.UNAUTHENTICATED:
+        return "app token" in o.details
+    if o.code != grpc.StatusCode.INVALID_ARGUMENT:
+        return False
+    touched = o.what.split("|")[1].split(",")
+    named = [n for n in touched if n not in ("wire", "signal", "batch")]
+    if "wire" in touched:
+        named += [f.rsplit(".", 1)[-1] for f in EVENT_FIELDS] + ["is not a valid", "feedback kind", "the batch has"]
+    if "signal" in touched or "wire" in touched:
+        named.append("unknown feedback kind")
+    if "batch" in touched:
+        named.append("the limit is 5 (split it)")
+    return any(n in o.details for n in named)
+
+
+def test_fuzzed_feedback_requests_never_get_unknown_or_internal(server, channel, stub):
+    """Seeded Submit and SubmitBatch calls with hostile ids, unicode, negative and huge numbers,
+    unknown enum values, unknown oneof cases, duplicate ids, oversized batches, broken bytes, tiny
+    deadlines and bad tokens: each answer is OK or a client error naming what was wrong, and the
+    service keeps taking valid events."""
+    rng = random.Random(7)
+    submit = channel.unary_unary(f"/{SERVICE_NAME}/Submit")
+    submit_batch = channel.unary_unary(f"/{SERVICE_NAME}/SubmitBatch")
+    outcomes = []
+    for i in range(600):
+        bad_token = rng.choice(["Bearer nope", "", "bearer token-chat", "Bearer  token-chat"])
+        metadata = CHAT if rng.random() > 0.03 else [("authorization", bad_token)]
+        timeout = 0.001 if rng.random() < 0.03 else 30
+        if i % 2:
+            e, names = hostile_event(rng, i)
+            data = e.SerializeToString()
+            method = submit
+        else:
+            events, names = [], set()
+            for j in range(rng.choice([0, 1, 2, 3, 5, 5, 6, 40])):  # the server's max_batch is 5
+                e, touched = (events[-1], set()) if events and rng.random() < 0.2 else hostile_event(rng, i * 100 + j)
+                events.append(e)  # the repeat is a duplicate event id
+                names |= touched
+            if len(events) > 5:
+                names.add("batch")
+            data = fb.SubmitBatchRequest(events=events).SerializeToString()
+            method = submit_batch
+        if rng.random() < 0.15:
+            data, names = mutate_wire(rng, data) if rng.random() < 0.7 else data + unknown_field(rng), names | {"wire"}
+        outcomes.append(outcome(f"{'Submit' if i % 2 else 'SubmitBatch'}|{','.join(sorted(names))}",
+                                lambda: method(data, metadata=metadata, timeout=timeout)))
+    outcomes = [o for o in outcomes if o.code != grpc.StatusCode.DEADLINE_EXCEEDED]
+    assert_refusals_are_client_errors(outcomes, names_the_event_field)
+    assert {o.code for o in outcomes} >= {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
+    assert stub.Submit(event("after-the-fuzz"), metadata=CHAT).duplicate is False

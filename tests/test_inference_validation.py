@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from fuseloop.v1 import events_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.config import InferenceServiceConfig
 from services.inference.runtime.onnx_runtime import OnnxRuntime, OnnxRuntimeConfig
 from services.inference.server import InferenceServer, ServerThread
+from tests.fuzzing import FLOATS, INTS32, STRINGS, Outcome, assert_refusals_are_client_errors, mutate_wire, outcome
 
 EXAMPLE = make_split("test", 1)[0]
 IMAGE = png_bytes(render(EXAMPLE.scene))
@@ -106,6 +108,7 @@ def test_jpeg_is_accepted(stub):
     (dict(sampling=events_pb2.SamplingParams(temperature=float("nan"))), "temperature is nan"),
     (dict(sampling=events_pb2.SamplingParams(top_p=1.5)), "top_p is 1.5"),
     (dict(sampling=events_pb2.SamplingParams(top_p=-0.1)), "top_p is -0.1"),
+    (dict(session_id="\u00e9" * 129), "session_id is 258 bytes; the limit is 256"),
 ])
 def test_out_of_range_generate_requests_are_invalid_arguments_that_say_why(stub, request_kw, message):
     err = refused(stub.Generate, generate(**request_kw))
@@ -155,3 +158,94 @@ def test_bytes_that_are_not_a_request_message_are_invalid_arguments(server, stub
                       b"\xff\xff not protobuf")
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert stub.Generate(generate()).candidates
+
+
+# Every field a native request has, with the leaf name a refusal must mention.
+GENERATE_FIELDS = ("image", "prompt", "session_id", "num_candidates", "best_of",
+                   "sampling.max_new_tokens", "sampling.temperature", "sampling.top_p", "sampling.seed")
+SCORE_FIELDS = ("image", "prompt", "response")
+
+
+def hostile_image(rng: random.Random) -> bytes:
+    return rng.choice([
+        lambda: b"", lambda: rng.randbytes(rng.randint(1, 2000)), lambda: IMAGE[: rng.randrange(len(IMAGE))],
+        lambda: IMAGE[:8] + rng.randbytes(64),  # a PNG signature, then garbage
+        lambda: png_claiming(rng.choice([0, 1, 70_000, 2**31 - 1]), rng.choice([0, 1, 70_000, 2**31 - 1])),
+        lambda: encoded(8, rng.choice(["GIF", "BMP", "TIFF"])), lambda: encoded(4, "JPEG")[:-20],
+        lambda: b"\x00" * (MAX_IMAGE_BYTES + 1), lambda: encoded(1, "PNG"),
+    ])()
+
+
+def hostile_value(rng: random.Random, field: str) -> object:
+    leaf = field.rsplit(".", 1)[-1]
+    if leaf == "image":
+        return hostile_image(rng)
+    if leaf in ("prompt", "response", "session_id"):
+        return rng.choice(STRINGS + [PROMPT * rng.randint(2, 40), PROMPT + rng.choice(STRINGS)])
+    if leaf in ("temperature", "top_p"):
+        return rng.choice(FLOATS)
+    if leaf == "seed":
+        return rng.choice([0, 1, 2**63, 2**64 - 1])
+    return rng.choice(INTS32 + [rng.randint(-100, 100)])
+
+
+def mutated(rng: random.Random, request, fields: tuple[str, ...]) -> tuple[bytes, set[str]]:
+    """The request with 1-3 fields set to hostile values, sometimes then broken on the wire: its bytes
+    and the leaf names a refusal may name ("wire" when the bytes themselves were broken)."""
+    request = type(request).FromString(request.SerializeToString())
+    names = set()
+    for field in rng.sample(fields, rng.randint(1, 3)):
+        *path, leaf = field.split(".")
+        target = request
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, leaf, hostile_value(rng, field))
+        names.add(leaf)
+    data = request.SerializeToString()
+    if rng.random() < 0.2:
+        data, names = mutate_wire(rng, data), names | {"wire"}
+    return data, names
+
+
+def names_the_field(o: Outcome) -> bool:
+    """A refusal says which field was wrong, or that the bytes were no request at all."""
+    if o.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return True
+    if o.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return "retry later" in o.details or "larger than max" in o.details
+    if o.code != grpc.StatusCode.INVALID_ARGUMENT:
+        return False
+    fields, touched = o.what.split("|")
+    named = [n for n in touched.split(",") if n != "wire"]
+    if "wire" in touched:
+        named += [f.rsplit(".", 1)[-1] for f in GENERATE_FIELDS + SCORE_FIELDS] + ["is not a valid", "stream"]
+    return any(n in o.details for n in named)
+
+
+def test_fuzzed_native_requests_never_get_unknown_or_internal(server, stub):
+    """Seeded mutations of valid Generate, GenerateStream and Score requests: hostile images (garbage,
+    truncated, zero-size, huge dimensions, other formats), unicode and huge strings, negative, NaN and
+    infinite numbers, unknown fields, broken bytes and tiny deadlines. Each answer is OK or a client
+    error naming what was wrong, and the server keeps serving valid requests."""
+    rng = random.Random(2024)
+    sampling = events_pb2.SamplingParams(max_new_tokens=3, temperature=1.0, seed=1)
+    base = {"Generate": (generate(sampling=sampling, session_id="s-1"), GENERATE_FIELDS),
+            "GenerateStream": (generate(sampling=sampling, session_id="s-1"), GENERATE_FIELDS),
+            "Score": (inference_pb2.ScoreRequest(image=IMAGE, prompt=PROMPT, response="red"), SCORE_FIELDS)}
+    outcomes = []
+    with grpc.insecure_channel(server.address) as channel:
+        calls = {"Generate": channel.unary_unary("/fuseloop.v1.InferenceService/Generate"),
+                 "GenerateStream": lambda data, **kw: list(
+                     channel.unary_stream("/fuseloop.v1.InferenceService/GenerateStream")(data, **kw)),
+                 "Score": channel.unary_unary("/fuseloop.v1.InferenceService/Score")}
+        for i in range(600):
+            method = ("Generate", "GenerateStream", "Score")[i % 3]
+            request, fields = base[method]
+            data, names = mutated(rng, request, fields)
+            timeout = rng.choice([0.001, 0.01]) if rng.random() < 0.05 else 30
+            outcomes.append(outcome(f"{method}|{','.join(sorted(names))}",
+                                    lambda: calls[method](data, timeout=timeout)))
+    assert_refusals_are_client_errors(outcomes, names_the_field)
+    assert {o.code for o in outcomes} >= {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
+    assert stub.Generate(generate(sampling=sampling)).candidates
+    assert stub.Score(inference_pb2.ScoreRequest(image=IMAGE, prompt=PROMPT, response="red")).model_version

@@ -24,10 +24,12 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.net.compat import KafkaNetClient
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from fuseloop.bus.base import Assignment, BusConsumer, BusError, EventBus, Record
 from fuseloop.bus.spool import Spool, SpooledRecord
+from fuseloop.loop_bridge import LoopBridge
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,9 @@ class KafkaBusConfig:
     spool_max_bytes: int = 1 << 30  # past this, publish raises BusFull
     send_timeout_s: float = 10.0  # no ack within this: the events go to the spool instead
     delivery_timeout_s: float = 30.0  # how long the producer itself keeps retrying a record
-    linger_ms: int = 0  # records batch up anyway while a request is in flight
+    # Records batch up anyway while a request is in flight. Measured with 32 unary callers: 1 ms makes
+    # requests 2-5x larger (about 20% less CPU per event) but adds about 1 ms to every ack when idle.
+    linger_ms: int = 0
     batch_size: int = 256 * 1024
     compression: str | None = "gzip"  # gzip needs no extra library; lz4/snappy/zstd do
     replay_interval_s: float = 1.0  # how often the spool replayer retries while Kafka is away
@@ -59,6 +63,23 @@ class KafkaBusConfig:
             return Path(self.spool_dir)
         state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
         return state / "fuseloop" / "spool" / self.client_id
+
+
+class ProducerNetClient(KafkaNetClient):
+    """kafka-python 3.0's network client, minus a busy loop in the producer's sender thread.
+
+    The sender skips a broker whose connection is paused (max_in_flight requests outstanding)
+    and polls for `connection_delay(node)` ms. The 3.0 client answers 0 for a paused connection
+    (and seconds, not ms, otherwise), so with one request in flight and records waiting for
+    another partition the sender spun on a zero-timeout poll, 10-27 loops per request, taking
+    the GIL from the event loop each time. A paused connection unpauses when its response
+    arrives, which wakes the poll anyway; send() wakes it for new records."""
+
+    def connection_delay(self, node_id: object) -> float:
+        conn = self._manager._conns.get(node_id)  # no public "is it paused" in kafka-python
+        if conn is not None and conn.connected and conn.paused:
+            return self._manager.config["request_timeout_ms"]
+        return super().connection_delay(node_id) * 1000
 
 
 def producer_settings(config: KafkaBusConfig) -> dict:
@@ -77,6 +98,7 @@ def producer_settings(config: KafkaBusConfig) -> dict:
         bootstrap_timeout_ms=int(config.send_timeout_s * 1000),
         reconnect_backoff_max_ms=1000,
         metrics_enabled=False,  # kafka-python's own sensors cost CPU on every record; we export our own
+        kafka_client=ProducerNetClient,
     )
     if config.api_version is not None:
         settings["api_version"] = tuple(config.api_version)
@@ -105,6 +127,7 @@ class KafkaBus(EventBus):
         self._inflight: tuple[list[SpooledRecord], list] | None = None
         self._closed = threading.Event()
         self._wake = threading.Event()
+        self._bridge: LoopBridge | None = None  # carries producer callbacks to the asyncio callers' loop
         if _holds_records(config.spool_path):  # left over from the last run: replay first
             try:
                 with self._mode_lock:
@@ -150,15 +173,16 @@ class KafkaBus(EventBus):
         if not items or self._spooling or producer is None or producer._metadata.partitions_for_topic(topic) is None:
             return await super().publish_many_async(topic, items, executor)
         loop = asyncio.get_running_loop()
+        bridge = self._bridge_to(loop)
         acked = loop.create_future()
         remaining = itertools.count(len(items) - 1, -1)  # next() is atomic under the GIL
 
         def on_ack(_: object) -> None:
             if next(remaining) == 0:
-                loop.call_soon_threadsafe(_resolve, acked, None)
+                bridge.post(_resolve, acked, None)
 
         def on_error(error: BaseException) -> None:
-            loop.call_soon_threadsafe(_resolve, acked, error)
+            bridge.post(_resolve, acked, error)
 
         # A timer instead of asyncio.wait_for: no extra task per call.
         timer = loop.call_later(
@@ -178,6 +202,14 @@ class KafkaBus(EventBus):
         log.warning("Kafka did not ack (%s); spooling to %s", error, self.config.spool_path)
         records = [(topic, key, value) for key, value in items]
         await loop.run_in_executor(executor, self._append_to_spool, records)
+
+    def _bridge_to(self, loop: asyncio.AbstractEventLoop) -> LoopBridge:
+        """One bridge per loop: a produce response acks many events at once, and waking the loop
+        once per event would make the network thread give up the GIL once per event."""
+        bridge = self._bridge
+        if bridge is None or bridge.loop is not loop:
+            bridge = self._bridge = LoopBridge(loop)
+        return bridge
 
     def consumer(self, group: str, topics: list[str]) -> "KafkaBusConsumer":
         return KafkaBusConsumer(self.config, group, topics)

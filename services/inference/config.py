@@ -32,6 +32,7 @@ class InferenceServiceConfig:
     max_image_pixels: int = 4096 * 4096
     max_prompt_chars: int = 2000
     max_response_chars: int = 4000
+    max_session_id_bytes: int = 256  # the feedback service's id limit: a longer session could never join its feedback
     max_num_candidates: int = 8
     max_best_of: int = 16
     max_new_tokens: int = 64  # capped again by the model's max_response_tokens

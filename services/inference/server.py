@@ -26,6 +26,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from fuseloop.bus import EventBus
 from fuseloop.events import now_ms
+from fuseloop.loop_bridge import LoopBridge
 from fuseloop.repository import ModelRepository
 from fuseloop.tls import listen
 from fuseloop.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -36,7 +37,6 @@ from services.inference.engine import EngineConfig
 from services.inference.engine_process import EngineProcess
 from services.inference.events import EventPublisher
 from services.inference.kserve import KServeModels, KServeService
-from services.inference.loop_bridge import LoopBridge
 from services.inference.metrics import InferenceMetrics
 from services.inference.rpc_handlers import add_service
 from services.inference.runtime.base import ModelRuntime

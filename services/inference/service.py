@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from fuseloop.events import new_id, now_ms
+from fuseloop.loop_bridge import LoopBridge
 from fuseloop.preprocessing import InvalidInput, image_pixels
 from fuseloop.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.config import InferenceServiceConfig
@@ -26,7 +27,6 @@ from services.inference.deployment import Deployment, NoServingVersion
 from services.inference.engine import GeneratedSequence, GenerationJob, SequenceSpec
 from services.inference.engine_process import EngineProcess
 from services.inference.events import EventPublisher, ResponseRecord, build_event
-from services.inference.loop_bridge import LoopBridge
 from services.inference.metrics import InferenceMetrics
 from services.inference.queueing import Arrival, Cancelled, DeadlineExceeded, ModelFailure, QueueClosed, QueueFull
 from services.inference.runtime.base import LoadedVersion

@@ -56,6 +56,9 @@ def generate_params(request: inference_pb2.GenerateRequest, config: InferenceSer
     if request.best_of and not n <= request.best_of <= config.max_best_of:
         raise InvalidInput(f"best_of is {request.best_of}; it must be 0 (no reranking) or "
                            f"num_candidates..{config.max_best_of}")
+    session_bytes = len(request.session_id.encode("utf-8"))
+    if session_bytes > config.max_session_id_bytes:
+        raise InvalidInput(f"session_id is {session_bytes} bytes; the limit is {config.max_session_id_bytes}")
     return GenerateParams(
         max_new_tokens=s.max_new_tokens or limit,
         temperature=float(s.temperature),

@@ -1,4 +1,4 @@
-"""Hands results from worker threads (engine, scorer) to the event loop.
+"""Hands results from worker threads (engine, scorer, the Kafka producer) to the event loop.
 
 `call_soon_threadsafe` writes to the loop's self-pipe on every call, and each write is a point
 where the worker thread releases the GIL and may wait to get it back. Completions of one decode
