@@ -71,6 +71,7 @@ class Batcher(Generic[J]):
         self.clock = clock
         self.queue: RequestQueue[J] = RequestQueue(max_queue, max_queue_delay_s, clock)
         self._thread: threading.Thread | None = None
+        self._last_rows = 0
 
     def configure(self, max_batch: int, max_queue_delay_s: float) -> None:
         """New limits for the batches to come (KServe follows the model's config.pbtxt)."""
@@ -94,7 +95,8 @@ class Batcher(Generic[J]):
 
     def _loop(self) -> None:
         while True:
-            jobs, dropped = self.queue.take(self.max_batch, block=True, admit_oversized=True)
+            jobs, dropped = self.queue.take(self.max_batch, block=True, admit_oversized=True, expect=self._last_rows)
+            self._last_rows = sum(j.size for j in jobs)
             for job in dropped:
                 job.finish(None, Cancelled("cancelled by the client") if job.cancelled
                            else DeadlineExceeded(f"the deadline passed before {self.name} ran"))

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from importlib.metadata import PackageNotFoundError, version as package_version
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -57,23 +59,27 @@ class KServeModels:
         self._extra: dict[int, ServedVersion] = {}
         self._unloaded: set[str] = set()
         self._lock = asyncio.Lock()
-        self._configs: dict[str, tuple[float, model_config_pb2.ModelConfig]] = {}
+        self._configs: dict[str, tuple[int, model_config_pb2.ModelConfig]] = {}
+        self._config_paths: dict[str, str] = {}
 
     def is_unloaded(self, name: str) -> bool:
         return name in self._unloaded
 
     def config(self, name: str) -> model_config_pb2.ModelConfig:
-        """The model's parsed config.pbtxt, re-read when the file changes (a publish rewrites it)."""
+        """The model's parsed config.pbtxt, re-read when the file changes (a publish rewrites it).
+        Called on every ModelInfer: one os.stat on a path string built once."""
         self.check_model(name)
-        path = self.deployment.repo.root / name / "config.pbtxt"
+        path = self._config_paths.get(name)
+        if path is None:
+            path = self._config_paths[name] = str(self.deployment.repo.root / name / "config.pbtxt")
         try:
-            mtime = path.stat().st_mtime
+            mtime = os.stat(path).st_mtime_ns
         except FileNotFoundError:
             raise KServeError(grpc.StatusCode.NOT_FOUND, f"{name} has no config.pbtxt") from None
         cached = self._configs.get(name)
         if cached is None or cached[0] != mtime:
             try:
-                cached = self._configs[name] = (mtime, read_model_config(path))
+                cached = self._configs[name] = (mtime, read_model_config(Path(path)))
             except text_format.ParseError as e:
                 raise KServeError(grpc.StatusCode.INTERNAL, f"{path} does not parse: {e}") from None
         return cached[1]
