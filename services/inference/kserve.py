@@ -325,22 +325,22 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                               f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
         inputs = {}
         for k, tensor in enumerate(request.inputs):
-            spec = specs.get(tensor.name)
+            name, datatype, rank = tensor.name, tensor.datatype, len(tensor.shape)  # each read builds a new object
+            spec = specs.get(name)
             if spec is None:
                 raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"unknown input {tensor.name[:60]!r} of {model}; inputs: {', '.join(specs)}")
-            if tensor.name in inputs:
-                raise invalid(f"input {tensor.name} is given twice")
-            if tensor.datatype != spec.datatype:
-                raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"input {tensor.name} is {spec.datatype}, not {tensor.datatype[:40]}")
-            if len(tensor.shape) != len(spec.shape):
-                raise invalid(f"input {tensor.name} has shape {list(tensor.shape)}; the model takes {list(spec.shape)}")
+                                  f"unknown input {name[:60]!r} of {model}; inputs: {', '.join(specs)}")
+            if name in inputs:
+                raise invalid(f"input {name} is given twice")
+            if datatype != spec.datatype:
+                raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"input {name} is {spec.datatype}, not {datatype[:40]}")
+            if rank != len(spec.shape):
+                raise invalid(f"input {name} has shape {list(tensor.shape)}; the model takes {list(spec.shape)}")
             arr = decode_input(tensor, raw[k] if raw else None)
-            if arr.ndim != len(spec.shape) or any(s >= 0 and s != d for s, d in zip(spec.shape, arr.shape)):
+            if any(s >= 0 and s != d for s, d in zip(spec.shape, arr.shape)):
                 raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"input {tensor.name} has shape {list(arr.shape)}; the model takes {list(spec.shape)}")
-            inputs[tensor.name] = arr
+                                  f"input {name} has shape {list(arr.shape)}; the model takes {list(spec.shape)}")
+            inputs[name] = arr
         if len(inputs) != len(specs):
             missing = sorted(set(specs) - set(inputs))
             raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"missing input(s) {', '.join(missing)} of {model}")
