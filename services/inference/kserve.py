@@ -6,6 +6,9 @@ through the runtime's loaded version (for ONNX Runtime: that model's session), s
 runtime-agnostic. Available versions: the serving one, plus those RepositoryModelLoad loaded by
 the model's config.pbtxt version policy. Load and unload change what KServe clients see, never what
 InferenceService serves; like the AdminService, they need the admin token.
+
+ModelInfer on a model whose config.pbtxt has `dynamic_batching` goes through that model's batcher
+(kserve_batching.py: merged runs, each answer its own rows); other models run each request alone.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ class Signature:
     inputs: dict[str, TensorSpec]
     outputs: tuple[str, ...]
     masks: dict[str, str]  # padded input -> its mask (dim 1 padded together); empty: group by shape
+    padded: frozenset[str]  # the inputs above and their masks
 
     @classmethod
     def of(cls, loaded: LoadedVersion, model: str) -> "Signature":
@@ -41,10 +42,7 @@ class Signature:
                 mask = inputs.get(name.removesuffix("_ids") + "_mask") if name.endswith("_ids") else None
                 if mask is not None and len(t.shape) == len(mask.shape) == 2 and t.shape[1] < 0:
                     masks[name] = mask.name
-        return cls(inputs, tuple(t.name for t in outputs), masks)
-
-    def padded(self) -> set[str]:
-        return set(self.masks) | set(self.masks.values())
+        return cls(inputs, tuple(t.name for t in outputs), masks, frozenset(masks) | frozenset(masks.values()))
 
 
 class Signatures:
@@ -77,7 +75,7 @@ class InferJob(BatchJob):
 
     def __init__(self, loaded: LoadedVersion, model: str, signature: Signature, inputs: dict[str, np.ndarray],
                  on_done: Callable, deadline: float | None = None) -> None:
-        padded = signature.padded()
+        padded = signature.padded
         key: Hashable = (loaded, model, tuple((n, a.shape[1:]) for n, a in inputs.items() if n not in padded))
         super().__init__(key, len(next(iter(inputs.values()))), on_done, deadline)
         self.loaded = loaded
@@ -95,7 +93,7 @@ def merge(jobs: list[InferJob], pad_id: int) -> dict[str, np.ndarray]:
     out = {}
     for name in jobs[0].inputs:
         parts = [j.inputs[name] for j in jobs]
-        width = max(p.shape[1] for p in parts) if name in sig.masks or name in masks else None
+        width = max(p.shape[1] for p in parts) if name in sig.padded else None
         if width is None or all(p.shape[1] == width for p in parts):
             out[name] = np.concatenate(parts)
             continue
