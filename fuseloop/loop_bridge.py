@@ -31,3 +31,13 @@ class LoopBridge:
             pending, self._pending = self._pending, []
         for fn, args in pending:
             fn(*args)
+
+
+def settle(future: asyncio.Future, error: BaseException | None, result=None) -> None:
+    """Completes a future with a worker's result or error (on the loop: post it), unless it is done."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -29,7 +29,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from fuseloop.bus.base import Assignment, BusConsumer, BusError, EventBus, Record
 from fuseloop.bus.spool import Spool, SpooledRecord
-from fuseloop.loop_bridge import LoopBridge
+from fuseloop.loop_bridge import LoopBridge, settle
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +179,14 @@ class KafkaBus(EventBus):
 
         def on_ack(_: object) -> None:
             if next(remaining) == 0:
-                bridge.post(_resolve, acked, None)
+                bridge.post(settle, acked, None)
 
         def on_error(error: BaseException) -> None:
-            bridge.post(_resolve, acked, error)
+            bridge.post(settle, acked, error)
 
         # A timer instead of asyncio.wait_for: no extra task per call.
         timer = loop.call_later(
-            self.config.send_timeout_s, _resolve, acked, KafkaTimeoutError(f"no ack within {self.config.send_timeout_s}s")
+            self.config.send_timeout_s, settle, acked, KafkaTimeoutError(f"no ack within {self.config.send_timeout_s}s")
         )
         try:
             for key, value in items:
@@ -322,15 +322,6 @@ class KafkaBus(EventBus):
         finally:
             aside.close()
         log.error("Kafka rejected %d spooled events (%s); kept in %s/rejected", len(batch), error, self.config.spool_path)
-
-
-def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 def _holds_records(spool_dir: Path) -> bool:

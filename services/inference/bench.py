@@ -6,7 +6,12 @@ sends its next request as soon as the previous answer arrives):
 - service:   the real server over gRPC (in a subprocess; the load generator is a grpc.aio client here)
 - raw:       the same work in process, no gRPC, no threads: preprocess, then ONNX Runtime on batches
              of `concurrency` requests (static batching, the same sampling), back to back. The limit.
-- unbatched: the real server with max batch 1 (generation and scoring).
+- unbatched: the real server with max batch 1 (generation and scoring), over a copy of the
+             repository whose config.pbtxt files have no dynamic_batching (ModelInfer per request).
+
+ModelInfer is KServe v2 on the reward model, one row per request, from tensors prepared once
+(the client sends bytes it serialized beforehand, so the load generator costs little); raw
+runs those rows through ONNX Runtime in batches of `concurrency`.
 
 Generate samples at temperature 1 with a seed per request, so every contender produces the same
 tokens (the same work). Numbers are requests/s and latency percentiles in ms. Each cell is measured
@@ -27,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fuseloop.repository import ModelRepository
+from fuseloop.repository import REWARD, ModelRepository
 
 PROMPT_COUNT = 64
 
@@ -43,6 +48,7 @@ class BenchConfig:
     temperature: float = 1.0
     threads: int = 1  # ORT intra-op threads for every contender (the machine has few cores)
     max_batch: int = 32
+    rpcs: tuple[str, ...] = ("Generate", "Score", "ModelInfer")
 
 
 @dataclass
@@ -122,6 +128,25 @@ class RawRunner:
         texts = [pre.decode([t for t in row if t >= 0]) for row in rows]  # as the service answers text
         return sum(len([t for t in row if t >= 0]) for row in rows) if texts is not None else 0
 
+    def reward_rows(self, w: Workload) -> list[dict[str, np.ndarray]]:
+        """One reward-model row per example, as a KServe client would send it."""
+        rows = []
+        for i in range(len(w.prompts)):
+            ids, mask = self.pre.prompts([w.prompts[i]])
+            rids, rmask = self.pre.responses([w.responses[i]])
+            rows.append({"pixel_values": self.pre.images([w.images[i]]), "prompt_ids": ids, "prompt_mask": mask,
+                         "response_ids": rids, "response_mask": rmask})
+        return rows
+
+    def score_rows(self, rows: list[dict[str, np.ndarray]], idx: list[int]) -> None:
+        """The reward model on prepared rows, padded into one batch (what a batching server runs)."""
+        from fuseloop.preprocessing import pad_right
+
+        pick = [rows[i] for i in idx]
+        ids, mask = pad_right([r["prompt_ids"][0][r["prompt_mask"][0] > 0].tolist() for r in pick], self.pre.pad_id)
+        rids, rmask = pad_right([r["response_ids"][0][r["response_mask"][0] > 0].tolist() for r in pick], self.pre.pad_id)
+        self.loaded.score(np.concatenate([r["pixel_values"] for r in pick]), ids, mask, rids, rmask)
+
     def score(self, w: Workload, idx: list[int]) -> None:
         pixels = self.pre.images([w.images[i] for i in idx])
         ids, mask = self.pre.prompts([w.prompts[i] for i in idx])
@@ -130,7 +155,7 @@ class RawRunner:
 
 
 def run_raw(runner: RawRunner, w: Workload, rpc: str, concurrency: int, seconds: float, warmup_s: float,
-            temperature: float, max_new: int) -> tuple[list[float], int, float]:
+            temperature: float, max_new: int, rows: list[dict[str, np.ndarray]]) -> tuple[list[float], int, float]:
     """(latencies, tokens, measured seconds) of one slice: batches of `concurrency`, back to back."""
     latencies, tokens, k = [], 0, 0
     warm_until = time.perf_counter() + warmup_s
@@ -139,7 +164,10 @@ def run_raw(runner: RawRunner, w: Workload, rpc: str, concurrency: int, seconds:
     while (t0 := time.perf_counter()) < end:
         idx = [(k + j) % len(w.prompts) for j in range(concurrency)]
         k += concurrency
-        n = runner.generate(w, idx, max_new, temperature) if rpc == "Generate" else runner.score(w, idx)
+        if rpc == "Generate":
+            n = runner.generate(w, idx, max_new, temperature)
+        else:
+            n = runner.score(w, idx) if rpc == "Score" else runner.score_rows(rows, idx)
         if t0 >= warm_until:
             measured_from = measured_from or t0
             latencies += [time.perf_counter() - t0] * concurrency
@@ -219,6 +247,64 @@ async def _load(address: str, w: Workload, rpc: str, concurrency: int, seconds: 
         return latencies, counters["tokens"], time.perf_counter() - warm_until, counters["failures"]
 
 
+def kserve_requests(rows: list[dict[str, np.ndarray]]) -> list[bytes]:
+    """Serialized ModelInferRequests for the reward model, raw tensor contents."""
+    from tritonclient.grpc import service_pb2
+    from tritonclient.utils import np_to_triton_dtype
+
+    out = []
+    for row in rows:
+        req = service_pb2.ModelInferRequest(model_name=REWARD)
+        for name, arr in row.items():
+            req.inputs.add(name=name, datatype=np_to_triton_dtype(arr.dtype), shape=arr.shape)
+            req.raw_input_contents.append(np.ascontiguousarray(arr).tobytes())
+        out.append(req.SerializeToString())
+    return out
+
+
+async def _load_kserve(address: str, requests: list[bytes], concurrency: int, seconds: float,
+                       warmup_s: float) -> tuple[list[float], int, float, int]:
+    import grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        # Bytes in, bytes out: the client neither builds nor parses messages while it measures.
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        latencies: list[float] = []
+        counters = {"failures": 0, "next": 0}
+        warm_until = time.perf_counter() + warmup_s
+        end = warm_until + seconds
+
+        async def client() -> None:
+            while (t0 := time.perf_counter()) < end:
+                i = counters["next"] % len(requests)
+                counters["next"] += 1
+                try:
+                    await infer(requests[i])
+                except grpc.aio.AioRpcError:
+                    counters["failures"] += 1
+                    continue
+                if t0 >= warm_until:
+                    latencies.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return latencies, 0, time.perf_counter() - warm_until, counters["failures"]
+
+
+def without_dynamic_batching(repo_dir: Path, out: Path) -> Path:
+    """A copy of the repository whose models run each KServe request on its own."""
+    import shutil
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    shutil.copytree(repo_dir, out, symlinks=True)
+    for path in out.glob("*/config.pbtxt"):
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        config.ClearField("dynamic_batching")
+        path.write_text(text_format.MessageToString(config))
+    return out
+
+
 # -- the run -------------------------------------------------------------------------------------
 def quick_repository(root: Path) -> Path:
     from fuseloop.checkpoint import Checkpoint
@@ -242,17 +328,25 @@ def bench(cfg: BenchConfig) -> dict:
         max_new = min(cfg.max_new_tokens or model_max, model_max)
         slice_s = cfg.seconds / cfg.rounds
         cells: list[Cell] = []
+        rows = runner.reward_rows(w)
+        requests = kserve_requests(rows)
+        unbatched_repo = without_dynamic_batching(repo_dir, Path(tmp) / "unbatched-repo")
+
+        def load(address: str, rpc: str, c: int):
+            if rpc == "ModelInfer":
+                return asyncio.run(_load_kserve(address, requests, c, slice_s, cfg.warmup_s))
+            return asyncio.run(_load(address, w, rpc, c, slice_s, cfg.warmup_s, cfg.temperature, max_new))
+
         with ServerProcess(repo_dir, cfg.max_batch, cfg.threads) as service, \
-                ServerProcess(repo_dir, 1, cfg.threads) as unbatched:
+                ServerProcess(unbatched_repo, 1, cfg.threads) as unbatched:
             contenders = {
-                "service": lambda rpc, c: asyncio.run(_load(service, w, rpc, c, slice_s, cfg.warmup_s,
-                                                            cfg.temperature, max_new)),
-                "raw": lambda rpc, c: (*run_raw(runner, w, rpc, c, slice_s, cfg.warmup_s, cfg.temperature, max_new), 0),
-                "unbatched": lambda rpc, c: asyncio.run(_load(unbatched, w, rpc, c, slice_s, cfg.warmup_s,
-                                                              cfg.temperature, max_new)),
+                "service": lambda rpc, c: load(service, rpc, c),
+                "raw": lambda rpc, c: (*run_raw(runner, w, rpc, c, slice_s, cfg.warmup_s, cfg.temperature, max_new,
+                                                rows), 0),
+                "unbatched": lambda rpc, c: load(unbatched, rpc, c),
             }
             names = list(contenders)
-            for rpc in ("Generate", "Score"):
+            for rpc in cfg.rpcs:
                 for c in cfg.concurrency:
                     totals = {name: ([], 0, 0.0, 0) for name in names}
                     for r in tqdm(range(cfg.rounds), desc=f"{rpc} c={c}", leave=False, file=sys.stderr):
@@ -272,6 +366,15 @@ def goals(cells: list[Cell]) -> dict:
 
     out = {}
     top = max(x.concurrency for x in cells)
+    for rpc in ("Score", "ModelInfer"):
+        svc, unb = get("service", rpc, top), get("unbatched", rpc, top)
+        raw1, raw_top = get("raw", rpc, 1), get("raw", rpc, top)
+        if svc and unb:
+            out[f"{rpc.lower()}_c{top}_service_over_unbatched"] = round(svc.throughput / unb.throughput, 3)
+        if svc and raw_top:
+            out[f"{rpc.lower()}_c{top}_service_over_raw_batch{top}"] = round(svc.throughput / raw_top.throughput, 3)
+        if svc and raw1:
+            out[f"{rpc.lower()}_c{top}_service_over_raw_batch1"] = round(svc.throughput / raw1.throughput, 3)
     svc, raw, unb = get("service", "Generate", top), get("raw", "Generate", top), get("unbatched", "Generate", top)
     if svc and raw and unb:
         out[f"generate_c{top}_service_over_raw"] = round(svc.throughput / raw.throughput, 3)
@@ -285,7 +388,7 @@ def goals(cells: list[Cell]) -> dict:
 def table(result: dict) -> str:
     cells = [Cell(**c) for c in result["cells"]]
     lines = []
-    for rpc in ("Generate", "Score"):
+    for rpc in dict.fromkeys(x.rpc for x in cells):
         lines.append(f"\n{rpc} (requests/s | p50 ms | p99 ms{' | tokens/s' if rpc == 'Generate' else ''})")
         lines.append(f"{'concurrency':>12} " + " ".join(f"{name:>34}" for name in ("service", "raw", "unbatched")))
         for c in sorted({x.concurrency for x in cells}):

@@ -43,6 +43,7 @@ def add_bench_parser(bench_subparsers) -> None:
     p.add_argument("--rounds", type=int, default=3, help="slices per cell; contenders take turns between them")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: the model's limit")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, for every contender")
+    p.add_argument("--rpcs", default="Generate,Score,ModelInfer", help="comma-separated RPCs to measure")
     p.set_defaults(func=bench_inference)
 
 
@@ -99,4 +100,5 @@ def bench_inference(args: argparse.Namespace) -> int:
     levels = tuple(int(c) for c in args.concurrency.split(",") if c.strip())
     return run_bench(BenchConfig(repo=Path(args.repo) if args.repo else None, concurrency=levels,
                                  seconds=args.seconds, rounds=args.rounds, max_new_tokens=args.max_new_tokens,
-                                 threads=args.threads), as_json=args.json)
+                                 threads=args.threads, rpcs=tuple(r.strip() for r in args.rpcs.split(",") if r.strip())),
+                     as_json=args.json)

@@ -25,6 +25,9 @@ class InferenceServiceConfig:
     score_max_batch: int = 32
     score_max_queue_delay_ms: float = 2.0
     score_max_queue: int = 256
+    # KServe ModelInfer batches as each model's config.pbtxt says (max_batch_size,
+    # dynamic_batching.max_queue_delay_microseconds); this caps the requests waiting per model.
+    kserve_max_queue: int = 256
 
     # Request limits (INVALID_ARGUMENT past them). Token limits also obey the model's own.
     max_message_bytes: int = 5 * 1024 * 1024

@@ -6,26 +6,37 @@ through the runtime's loaded version (for ONNX Runtime: that model's session), s
 runtime-agnostic. Available versions: the serving one, plus those RepositoryModelLoad loaded by
 the model's config.pbtxt version policy. Load and unload change what KServe clients see, never what
 InferenceService serves; like the AdminService, they need the admin token.
+
+ModelInfer on a model whose config.pbtxt has `dynamic_batching` goes through that model's batcher
+(kserve_batching.py: merged runs, each answer its own rows); other models run each request alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from importlib.metadata import PackageNotFoundError, version as package_version
+from pathlib import Path
 
 import grpc
 import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
-from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
+from tritonclient.utils import np_to_triton_dtype
 
 from fuseloop.repository import DECODER, ENCODER, MODELS, REWARD, RepositoryError
 from services.inference.admin import AdminAuth
 from services.inference.deployment import Deployment, Lease, ServedVersion
+from services.inference.batching import Batcher
+from services.inference.kserve_batching import InferJob, Signature, Signatures, run_model
 from services.inference.kserve_inputs import KServeError, check_graph_inputs, decode_input, invalid, parse_version
+from fuseloop.loop_bridge import LoopBridge, settle
 from services.inference.metrics import InferenceMetrics
+from services.inference.queueing import Arrival, Cancelled, DeadlineExceeded, QueueClosed, QueueFull
 from services.inference.runtime.base import LoadedVersion
 
 try:  # ONNX Runtime's own verdicts on bad input: passed through as INVALID_ARGUMENT
@@ -36,16 +47,8 @@ except ImportError:  # pragma: no cover - a runtime without onnxruntime
 log = logging.getLogger(__name__)
 
 PLATFORM = "onnxruntime_onnx"
-# The LoadedVersion call behind each model; its parameters are named like the graph's inputs.
-CALLS = {ENCODER: "encode", DECODER: "decode_step", REWARD: "score"}
-def run_model(loaded: LoadedVersion, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One graph of a loaded version, by tensor names (the manifest's signature)."""
-    result = getattr(loaded, CALLS[model])(**inputs)
-    outputs = result if isinstance(result, tuple) else (result,)
-    names = [t.name for t in loaded.manifest.io(model, "outputs")]
-    return dict(zip(names, outputs))
-
-
+QUEUE_STATUS = {QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, QueueClosed: grpc.StatusCode.UNAVAILABLE,
+                DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED, Cancelled: grpc.StatusCode.CANCELLED}
 def read_model_config(path) -> model_config_pb2.ModelConfig:
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
@@ -59,23 +62,27 @@ class KServeModels:
         self._extra: dict[int, ServedVersion] = {}
         self._unloaded: set[str] = set()
         self._lock = asyncio.Lock()
-        self._configs: dict[str, tuple[float, model_config_pb2.ModelConfig]] = {}
+        self._configs: dict[str, tuple[int, model_config_pb2.ModelConfig]] = {}
+        self._config_paths: dict[str, str] = {}
 
     def is_unloaded(self, name: str) -> bool:
         return name in self._unloaded
 
     def config(self, name: str) -> model_config_pb2.ModelConfig:
-        """The model's parsed config.pbtxt, re-read when the file changes (a publish rewrites it)."""
+        """The model's parsed config.pbtxt, re-read when the file changes (a publish rewrites it).
+        Called on every ModelInfer: one os.stat on a path string built once."""
         self.check_model(name)
-        path = self.deployment.repo.root / name / "config.pbtxt"
+        path = self._config_paths.get(name)
+        if path is None:
+            path = self._config_paths[name] = str(self.deployment.repo.root / name / "config.pbtxt")
         try:
-            mtime = path.stat().st_mtime
+            mtime = os.stat(path).st_mtime_ns
         except FileNotFoundError:
             raise KServeError(grpc.StatusCode.NOT_FOUND, f"{name} has no config.pbtxt") from None
         cached = self._configs.get(name)
         if cached is None or cached[0] != mtime:
             try:
-                cached = self._configs[name] = (mtime, read_model_config(path))
+                cached = self._configs[name] = (mtime, read_model_config(Path(path)))
             except text_format.ParseError as e:
                 raise KServeError(grpc.StatusCode.INTERNAL, f"{path} does not parse: {e}") from None
         return cached[1]
@@ -150,10 +157,18 @@ class KServeModels:
 
 
 class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: KServeModels, auth: AdminAuth, executor: Executor, server_name: str = "fuseloop",
-                 metrics: InferenceMetrics | None = None) -> None:
+    """`batchers`: one per model, used for the models whose config.pbtxt has dynamic_batching (the
+    others run each request on the executor); `bridge` hands their results to the event loop."""
+
+    def __init__(self, models: KServeModels, auth: AdminAuth, executor: Executor, bridge: LoopBridge,
+                 batchers: dict[str, Batcher[InferJob]], server_name: str = "fuseloop",
+                 metrics: InferenceMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.models = models
         self.metrics = metrics
+        self.bridge = bridge
+        self.batchers = batchers
+        self.clock = clock
+        self.signatures = Signatures()
         self.auth = auth
         self.executor = executor
         self.server_name = server_name
@@ -233,73 +248,120 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                                        service_pb2.RepositoryModelUnloadResponse())
 
     async def ModelInfer(self, request: service_pb2.ModelInferRequest, context):
+        model = request.model_name
         try:
-            with self.models.lease(request.model_name, request.model_version) as lease:
-                inputs = self._inputs(lease.loaded, request)
-                wanted = [o.name for o in request.outputs]
-                known = [t.name for t in lease.loaded.manifest.io(request.model_name, "outputs")]
-                unknown = sorted(set(wanted) - set(known))
-                if unknown:
-                    raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
-                                      f"unknown output(s) {', '.join(unknown)} of {request.model_name}; outputs: {', '.join(known)}")
-                try:
-                    outputs = await asyncio.get_running_loop().run_in_executor(
-                        self.executor, run_model, lease.loaded, request.model_name, inputs)
-                except OrtInvalidArgument as e:
-                    raise invalid(f"{request.model_name}: {e}") from None
-                except Exception as e:
-                    raise self._internal(f"{request.model_name} inference failed: {e}") from None
-                version = lease.loaded.version
+            with self.models.lease(model, request.model_version) as lease:
+                loaded = lease.loaded
+                sig = self.signatures.get(loaded, model)
+                config = self.models.config(model)
+                batcher = self._batcher(model, config)
+                if batcher is None:
+                    inputs, wanted = self._inputs(loaded, model, sig, request, config.max_batch_size)
+                    outputs = await self._run_alone(loaded, model, sig, inputs)
+                else:
+                    # Counted as on its way while it is decoded, so the batcher may wait for it.
+                    with batcher.queue.arriving() as arrival:
+                        inputs, wanted = self._inputs(loaded, model, sig, request, config.max_batch_size)
+                        outputs = await self._run_batched(arrival, loaded, model, sig, inputs, context)
         except KServeError as e:
             await context.abort(e.code, str(e))
         except Exception as e:  # a bug in this server, never the client's doing
-            e = self._internal(f"{request.model_name} ModelInfer failed: {e}")
+            e = self._internal(f"{model} ModelInfer failed: {e}")
             await context.abort(e.code, str(e))
-        response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=str(version), id=request.id)
-        for name in wanted or known:
-            arr = np.ascontiguousarray(outputs[name])
-            response.outputs.add(name=name, datatype=_kserve_type(arr.dtype), shape=list(arr.shape))
-            response.raw_output_contents.append(arr.tobytes())
+        response = service_pb2.ModelInferResponse(model_name=model, model_version=str(loaded.version), id=request.id)
+        add_output, contents = response.outputs.add, response.raw_output_contents
+        for name in wanted or sig.outputs:
+            arr = outputs[name]
+            add_output(name=name, datatype=_kserve_type(arr.dtype), shape=arr.shape)
+            contents.append(arr.tobytes())
         return response
 
-    def _inputs(self, loaded: LoadedVersion, request: service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
-        specs = {t.name: t for t in loaded.manifest.io(request.model_name, "inputs")}
-        raw = list(request.raw_input_contents)
+    def _batcher(self, model: str, config: model_config_pb2.ModelConfig) -> Batcher | None:
+        """The model's batcher, set to its config.pbtxt, when that asks for dynamic batching."""
+        batcher = self.batchers.get(model)
+        if batcher is None or config.max_batch_size < 1 or not config.HasField("dynamic_batching"):
+            return None
+        batcher.configure(config.max_batch_size, config.dynamic_batching.max_queue_delay_microseconds / 1e6)
+        return batcher
+
+    async def _run_alone(self, loaded: LoadedVersion, model: str, sig: Signature,
+                         inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.executor, run_model, loaded, model, inputs, sig.outputs)
+        except Exception as e:
+            raise self._model_error(model, e) from None
+
+    async def _run_batched(self, arrival: Arrival, loaded: LoadedVersion, model: str, sig: Signature,
+                           inputs: dict[str, np.ndarray], context) -> dict[str, np.ndarray]:
+        done = asyncio.get_running_loop().create_future()
+        remaining = context.time_remaining()
+        job = InferJob(loaded, model, sig, inputs, on_done=lambda j, result, err: self.bridge.post(settle, done, err, result),
+                       deadline=None if remaining is None else self.clock() + remaining)
+        try:
+            arrival.put(job)
+            return await done
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        except Exception as e:
+            raise self._model_error(model, e) from None
+
+    def _model_error(self, model: str, e: Exception) -> KServeError:
+        """What a model run's failure tells the client."""
+        if isinstance(e, KServeError):
+            return e
+        if isinstance(e, OrtInvalidArgument):
+            return invalid(f"{model}: {e}")
+        for kind, code in QUEUE_STATUS.items():
+            if isinstance(e, kind):
+                return KServeError(code, f"{model}: {e}")
+        return self._internal(f"{model} inference failed: {e}")
+
+    def _inputs(self, loaded: LoadedVersion, model: str, sig: Signature, request: service_pb2.ModelInferRequest,
+                max_batch: int) -> tuple[dict[str, np.ndarray], list[str]]:
+        """(checked inputs by name, the outputs asked for: [] for all)."""
+        specs = sig.inputs
+        raw = request.raw_input_contents
         if raw and len(raw) != len(request.inputs):
             raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
         inputs = {}
         for k, tensor in enumerate(request.inputs):
-            spec = specs.get(tensor.name)
+            name, datatype, rank = tensor.name, tensor.datatype, len(tensor.shape)  # each read builds a new object
+            spec = specs.get(name)
             if spec is None:
                 raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"unknown input {tensor.name[:60]!r} of {request.model_name}; inputs: {', '.join(specs)}")
-            if tensor.name in inputs:
-                raise invalid(f"input {tensor.name} is given twice")
-            if tensor.datatype != spec.datatype:
-                raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"input {tensor.name} is {spec.datatype}, not {tensor.datatype[:40]}")
-            if len(tensor.shape) != len(spec.shape):
-                raise invalid(f"input {tensor.name} has shape {list(tensor.shape)}; the model takes {list(spec.shape)}")
+                                  f"unknown input {name[:60]!r} of {model}; inputs: {', '.join(specs)}")
+            if name in inputs:
+                raise invalid(f"input {name} is given twice")
+            if datatype != spec.datatype:
+                raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"input {name} is {spec.datatype}, not {datatype[:40]}")
+            if rank != len(spec.shape):
+                raise invalid(f"input {name} has shape {list(tensor.shape)}; the model takes {list(spec.shape)}")
             arr = decode_input(tensor, raw[k] if raw else None)
-            if arr.ndim != len(spec.shape) or any(s >= 0 and s != d for s, d in zip(spec.shape, arr.shape)):
+            if any(s >= 0 and s != d for s, d in zip(spec.shape, arr.shape)):
                 raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"input {tensor.name} has shape {list(arr.shape)}; the model takes {list(spec.shape)}")
-            inputs[tensor.name] = arr
-        missing = sorted(set(specs) - set(inputs))
-        if missing:
-            raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"missing input(s) {', '.join(missing)} of {request.model_name}")
+                                  f"input {name} has shape {list(arr.shape)}; the model takes {list(spec.shape)}")
+            inputs[name] = arr
+        if len(inputs) != len(specs):
+            missing = sorted(set(specs) - set(inputs))
+            raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"missing input(s) {', '.join(missing)} of {model}")
         batches = {a.shape[0] for a in inputs.values()}
         if len(batches) > 1:
             raise KServeError(grpc.StatusCode.INVALID_ARGUMENT, f"inputs disagree on the batch size: {sorted(batches)}")
         if 0 in batches:
-            raise invalid(f"the batch is empty (batch size 0); send at least one row of {request.model_name}")
-        max_batch = self.models.config(request.model_name).max_batch_size
+            raise invalid(f"the batch is empty (batch size 0); send at least one row of {model}")
         if max_batch > 0 and batches and max(batches) > max_batch:
             raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"batch size {max(batches)} exceeds {request.model_name}'s max_batch_size {max_batch}")
-        check_graph_inputs(request.model_name, inputs, loaded.manifest.model_config)
-        return inputs
+                              f"batch size {max(batches)} exceeds {model}'s max_batch_size {max_batch}")
+        check_graph_inputs(model, inputs, loaded.manifest.model_config)
+        wanted = [o.name for o in request.outputs]
+        unknown = [n for n in wanted if n not in sig.outputs]
+        if unknown:
+            raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"unknown output(s) {', '.join(sorted(set(unknown)))} of {model}; outputs: {', '.join(sig.outputs)}")
+        return inputs, wanted
 
     def _internal(self, message: str) -> KServeError:
         """A real server fault: logged with its traceback and counted."""
@@ -325,5 +387,11 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
 
+_KSERVE_TYPES: dict[np.dtype, str] = {}
+
+
 def _kserve_type(dtype: np.dtype) -> str:
-    return np_to_triton_dtype(dtype)
+    name = _KSERVE_TYPES.get(dtype)
+    if name is None:
+        name = _KSERVE_TYPES[dtype] = np_to_triton_dtype(dtype)
+    return name

@@ -18,6 +18,8 @@ TYPED_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int
                   "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
                   "FP64": "fp64_contents"}
 
+DTYPES = {name: np.dtype(triton_to_np_dtype(name)) for name in TYPED_CONTENTS}
+
 
 class KServeError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
@@ -39,7 +41,7 @@ def parse_version(text: str, model: str) -> int:
 
 def decode_input(tensor, raw: bytes | None) -> np.ndarray:
     """A request tensor (raw bytes or typed contents) -> numpy, checked against its declared shape."""
-    name = tensor.name
+    name, datatype = tensor.name, tensor.datatype
     shape = [int(d) for d in tensor.shape]
     if len(shape) > MAX_RANK:
         raise invalid(f"input {name}: shape has {len(shape)} dimensions (at most {MAX_RANK})")
@@ -50,9 +52,9 @@ def decode_input(tensor, raw: bytes | None) -> np.ndarray:
         count *= d
     if count > INT64_MAX:
         raise invalid(f"input {name}: shape {shape} has more elements than int64 can count")
-    if tensor.datatype not in TYPED_CONTENTS:
-        raise invalid(f"input {name}: datatype {tensor.datatype[:40]!r} is not supported")
-    dtype = np.dtype(triton_to_np_dtype(tensor.datatype))
+    dtype = DTYPES.get(datatype)
+    if dtype is None:
+        raise invalid(f"input {name}: datatype {datatype[:40]!r} is not supported")
     has_typed = tensor.HasField("contents") and any(
         len(getattr(tensor.contents, f)) for f in set(TYPED_CONTENTS.values()))
     if raw is not None:
@@ -60,19 +62,19 @@ def decode_input(tensor, raw: bytes | None) -> np.ndarray:
             raise invalid(f"input {name}: has both typed contents and raw_input_contents; send one")
         if len(raw) != count * dtype.itemsize:
             raise invalid(f"input {name}: {len(raw)} bytes of raw contents for shape {shape} "
-                          f"{tensor.datatype} (expected {count * dtype.itemsize})")
+                          f"{datatype} (expected {count * dtype.itemsize})")
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    for field in set(TYPED_CONTENTS.values()) - {TYPED_CONTENTS[tensor.datatype]}:
+    for field in set(TYPED_CONTENTS.values()) - {TYPED_CONTENTS[datatype]}:
         if len(getattr(tensor.contents, field)):
-            raise invalid(f"input {name}: {tensor.datatype} data must be in {TYPED_CONTENTS[tensor.datatype]}, "
+            raise invalid(f"input {name}: {datatype} data must be in {TYPED_CONTENTS[datatype]}, "
                           f"not {field}")
-    values = getattr(tensor.contents, TYPED_CONTENTS[tensor.datatype])
+    values = getattr(tensor.contents, TYPED_CONTENTS[datatype])
     if len(values) != count:
         raise invalid(f"input {name}: {len(values)} values for shape {shape} (expected {count})")
     try:
         return np.asarray(values, dtype=dtype).reshape(shape)
     except OverflowError:
-        raise invalid(f"input {name}: a value does not fit {tensor.datatype}") from None
+        raise invalid(f"input {name}: a value does not fit {datatype}") from None
 
 
 def _ids_in(name: str, arr: np.ndarray, limit: int, what: str) -> None:

@@ -9,6 +9,7 @@ import time
 from prometheus_client import Counter, Gauge, Histogram
 
 from fuseloop.metrics import MetricsRegistry
+from services.inference.batching import BatchMetrics
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -39,6 +40,8 @@ class InferenceMetrics(MetricsRegistry):
                                       "Inference events lost (bus error or publish backlog full)", ["reason"], registry=r)
         self.kserve_internal_errors = Counter("fuseloop_kserve_internal_errors",
                                               "KServe v2 calls answered INTERNAL (server faults, logged)", registry=r)
+        self.kserve_batch_size = Histogram("fuseloop_kserve_batch_size", "Rows per KServe ModelInfer model call, by model",
+                                           ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.deploys = Counter("fuseloop_inference_deploys", "Version swaps", registry=r)
         # Children the worker threads update on every step, looked up once.
         self.encode_batch, self.decode_batch, self.score_batch = (self.batch_size.labels(k) for k in ("encode", "decode", "score"))
@@ -47,6 +50,12 @@ class InferenceMetrics(MetricsRegistry):
         self._window_start = time.monotonic()
         self._window_tokens = 0
         self._lock = threading.Lock()
+
+    def score_batching(self) -> BatchMetrics:
+        return BatchMetrics(self.score_batch, self.score_queue_time, self.score_queue_depth)
+
+    def kserve_batching(self, model: str) -> BatchMetrics:
+        return BatchMetrics(self.kserve_batch_size.labels(model), self.queue_time.labels("kserve"))
 
     def count_tokens(self, n: int) -> None:
         self.tokens.inc(n)

@@ -4,7 +4,8 @@ The event loop puts requests in; one worker thread takes batches out. Two rules 
 
 - max queue delay: an idle worker holds the first request back at most this long for more to join,
   but only while requests are known to be on their way (accepted by the service, still being
-  preprocessed: `arriving()`), so a lone request is never delayed for company that isn't coming.
+  preprocessed: `arriving()`) or, for a batcher, while fewer rows wait than its last batch had
+  (steady load), so a lone request is never delayed for company that isn't coming.
 - deadlines and cancellation: expired or cancelled requests are handed back separately, never run.
 """
 
@@ -136,18 +137,23 @@ class RequestQueue(Generic[T]):
     def closed(self) -> bool:
         return self._closed
 
-    def take(self, room: int, block: bool, admit_oversized: bool) -> tuple[list[T], list[T]]:
+    def take(self, room: int, block: bool, admit_oversized: bool, expect: int = 0) -> tuple[list[T], list[T]]:
         """(batch, dropped): requests whose sizes fit in `room`, FIFO, and the expired or cancelled
-        ones found on the way. block: wait for a first request, then up to the max queue delay.
+        ones found on the way. block: wait for a first request, then up to the max queue delay
+        while more are on their way, or while fewer than `expect` rows wait (a batcher passes its
+        last batch's rows: under steady load the next batch is as big, once its requests are in).
         admit_oversized: a request larger than `room` still runs alone (the worker is idle)."""
         with self._cond:
             if block:
                 while not self._items and not self._closed:
                     self._cond.wait()
-                if self._items and self._incoming > 0 and self.max_delay_s > 0:
+                expect = min(expect, room)
+                if self._items and self.max_delay_s > 0:
                     until = self._items[0].enqueued_at + self.max_delay_s
-                    while (not self._closed and self._incoming > 0 and sum(i.size for i in self._items) < room
-                           and (left := until - self.clock()) > 0):
+                    while not self._closed and (left := until - self.clock()) > 0:
+                        rows = sum(i.size for i in self._items)
+                        if rows >= room or (self._incoming <= 0 and rows >= expect):
+                            break
                         self._cond.wait(left)
             now = self.clock()
             batch, dropped, used = [], [], 0

@@ -20,6 +20,11 @@ def _unary_request(impl, server_streaming: bool):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             async for item in impl(request, context):
                 yield item
+    elif inspect.iscoroutinefunction(impl):
+        async def handler(request, context):
+            if isinstance(request, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            return await impl(request, context)
     else:
         async def handler(request, context):
             if isinstance(request, Malformed):

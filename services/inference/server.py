@@ -27,7 +27,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from fuseloop.bus import EventBus
 from fuseloop.events import now_ms
 from fuseloop.loop_bridge import LoopBridge
-from fuseloop.repository import ModelRepository
+from fuseloop.repository import MODELS, ModelRepository
 from fuseloop.tls import listen
 from fuseloop.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from services.inference.admin import AdminAuth, AdminService
@@ -36,11 +36,13 @@ from services.inference.deployment import Deployment
 from services.inference.engine import EngineConfig
 from services.inference.engine_process import EngineProcess
 from services.inference.events import EventPublisher
+from services.inference.batching import Batcher
 from services.inference.kserve import KServeModels, KServeService
+from services.inference.kserve_batching import infer_jobs
 from services.inference.metrics import InferenceMetrics
 from services.inference.rpc_handlers import add_service
 from services.inference.runtime.base import ModelRuntime
-from services.inference.scoring import ScoreBatcher
+from services.inference.scoring import score_batcher
 from services.inference.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -97,8 +99,8 @@ class InferenceServer:
         self._started.append(self.deployment.close)
         self.kserve_models = KServeModels(self.deployment, self.executor)
         self._started.append(self.kserve_models.close)
-        self.scorer = ScoreBatcher(c.score_max_batch, c.score_max_queue_delay_ms / 1000, c.score_max_queue,
-                                   self.metrics, self.clock).start()
+        self.scorer = score_batcher(c.score_max_batch, c.score_max_queue_delay_ms / 1000, c.score_max_queue,
+                                    self.metrics.score_batching(), self.clock).start()
         self._started.append(self.scorer.stop)
         self.events = EventPublisher(self.bus, c.topics.inference, self.metrics, c.max_pending_events).start()
         self._started.append(self.events.close)
@@ -106,15 +108,24 @@ class InferenceServer:
             log.warning("no event bus: inference events are not logged")
         auth = AdminAuth(c.admin_token)
 
+        self.kserve_batchers = {}
+        for model in MODELS:
+            batcher = Batcher(f"ModelInfer {model}", infer_jobs, 1, 0.0, c.kserve_max_queue,
+                              self.metrics.kserve_batching(model), self.clock).start()
+            self._started.append(batcher.stop)
+            self.kserve_batchers[model] = batcher
+        bridge = LoopBridge(asyncio.get_running_loop())
+
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", c.max_message_bytes),
                                           ("grpc.max_send_message_length", c.max_message_bytes)])
         add_service(server, InferenceService(c, self.deployment, self.engine, self.scorer, self.events, self.metrics,
-                                             self.executor, LoopBridge(asyncio.get_running_loop()), self.clock,
+                                             self.executor, bridge, self.clock,
                                              self.wall_ms, self.shuffle),
                     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"], inference_pb2_grpc.InferenceServiceServicer)
         add_service(server, AdminService(self.deployment, auth, self.runtime.name),
                     admin_pb2.DESCRIPTOR.services_by_name["AdminService"], admin_pb2_grpc.AdminServiceServicer)
-        add_service(server, KServeService(self.kserve_models, auth, self.executor, metrics=self.metrics),
+        add_service(server, KServeService(self.kserve_models, auth, self.executor, bridge, self.kserve_batchers,
+                                          metrics=self.metrics, clock=self.clock),
                     service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
                     service_pb2_grpc.GRPCInferenceServiceServicer)
         self.health = health.aio.HealthServicer()

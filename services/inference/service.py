@@ -19,10 +19,11 @@ import grpc
 import numpy as np
 
 from fuseloop.events import new_id, now_ms
-from fuseloop.loop_bridge import LoopBridge
+from fuseloop.loop_bridge import LoopBridge, settle
 from fuseloop.preprocessing import InvalidInput, image_pixels
 from fuseloop.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.config import InferenceServiceConfig
+from services.inference.batching import Batcher
 from services.inference.deployment import Deployment, NoServingVersion
 from services.inference.engine import GeneratedSequence, GenerationJob, SequenceSpec
 from services.inference.engine_process import EngineProcess
@@ -30,7 +31,7 @@ from services.inference.events import EventPublisher, ResponseRecord, build_even
 from services.inference.metrics import InferenceMetrics
 from services.inference.queueing import Arrival, Cancelled, DeadlineExceeded, ModelFailure, QueueClosed, QueueFull
 from services.inference.runtime.base import LoadedVersion
-from services.inference.scoring import ScoreBatcher, ScoreJob
+from services.inference.scoring import ScoreJob
 from services.inference.tokenization_cache import TokenizationCache
 from services.inference.validation import GenerateParams, check_text, generate_params
 
@@ -80,7 +81,7 @@ async def abort_for(context: grpc.aio.ServicerContext, call: ObservedRpc, error:
 
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, config: InferenceServiceConfig, deployment: Deployment, engine: EngineProcess,
-                 scorer: ScoreBatcher, events: EventPublisher, metrics: InferenceMetrics, executor: Executor,
+                 scorer: Batcher[ScoreJob], events: EventPublisher, metrics: InferenceMetrics, executor: Executor,
                  bridge: LoopBridge, clock: Callable[[], float] = time.monotonic,
                  wall_ms: Callable[[], int] = now_ms, shuffle: random.Random | None = None) -> None:
         self.config = config
@@ -217,7 +218,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                         params: GenerateParams, context: grpc.aio.ServicerContext) -> list[GeneratedSequence]:
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         job = GenerationJob(loaded, pixels, prompt_ids, self._specs(params),
-                            on_done=lambda j, err: _settle(done, err),  # on the loop (EngineProcess)
+                            on_done=lambda j, err: settle(done, err),  # on the loop (EngineProcess)
                             deadline=self._deadline(context))
         arrival.put(job)
         try:
@@ -245,7 +246,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         tokenization = self.tokens(loaded)
         job = ScoreJob(loaded, pixels, prompt_ids, [[pre.bos_id] + tokenization.response_ids(r) for r in responses],
-                       on_done=lambda j, rewards, err: self.bridge.post(_settle, done, err, rewards),
+                       on_done=lambda j, rewards, err: self.bridge.post(settle, done, err, rewards),
                        deadline=self._deadline(context))
         (arrival.put if arrival is not None else self.scorer.submit)(job)
         try:
@@ -268,12 +269,3 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             request_id=request_id, model_version=loaded.version, prompt=request.prompt, image=request.image,
             image_max_bytes=self.config.event_image_max_bytes, responses=records, sampling=params.sampling_proto(),
             timestamp_ms=timestamp_ms, session_id=request.session_id))
-
-
-def _settle(future: asyncio.Future, error: BaseException | None, result=None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
