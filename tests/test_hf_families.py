@@ -2,8 +2,10 @@
 loaded with local_files_only, their ONNX graphs against PyTorch, greedy ONNX generation against
 `generate`, the reward model, sequence log-probs and LoRA.
 
-Each family runs the pipeline once per session: build -> SFT on the task -> LoRA steps -> merge ->
-save -> reload -> export. Every test reads from that one run.
+Each family runs the pipeline once per session: build -> LoRA steps on the task -> merge -> save ->
+reload -> export. Every test reads from that one run. The models are random, initialized wide
+(init_std) so that their greedy answers differ by image and prompt, which gives the token-for-token
+checks their teeth without spending time on training.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoPr
 
 from fuseloop.families import hf_encoder_decoder, hf_layout, hf_llava, hf_lora
 from fuseloop.families.hf_onnx import run, session
-from fuseloop.families.tiny import IMAGE_TOKEN, build_encoder_decoder, build_llava
+from fuseloop.families.tiny import IMAGE_TOKEN, TinyConfig, build_encoder_decoder, build_llava
 from fuseloop.preprocessing import PreprocessConfig, Preprocessor
 from fuseloop.scenes import make_split, render
 
@@ -47,7 +49,7 @@ class FamilyRun:
     name: str
     module: object
     base_dir: Path
-    sft: torch.nn.Module  # the SFT'd policy, before LoRA
+    base: torch.nn.Module  # the policy before LoRA
     lora: torch.nn.Module  # the peft-wrapped policy after a few adapter steps
     policy_dir: Path  # the merged policy, saved
     bundle: object  # loaded back from policy_dir
@@ -63,13 +65,13 @@ class FamilyRun:
         return pixels, ids, mask, r_ids, r_mask
 
 
-def _train(model, module, bundle, examples, steps: int, lr: float) -> None:
-    """Teacher-forced steps on the task's answers (a miniature SFT)."""
+def _train(model, module, bundle, examples, steps: int, lr: float, batch: int = 8) -> None:
+    """Teacher-forced steps on the task's answers."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     model.train()
     for step in range(steps):
-        chunk = [examples[(step * 16 + i) % len(examples)] for i in range(16)]
+        chunk = [examples[(step * batch + i) % len(examples)] for i in range(batch)]
         pixels, ids, mask = bundle.inputs([render(e.scene) for e in chunk], [e.prompt for e in chunk])
         r_ids, r_mask = bundle.responses([e.answer for e in chunk])
         logp = module.sequence_logprobs(model, pixels, ids, mask, r_ids, r_mask)
@@ -86,20 +88,18 @@ def family(request, tmp_path_factory) -> FamilyRun:
     module, build, generate = FAMILIES[name]
     root = tmp_path_factory.mktemp(f"hf-{name}")
     torch.manual_seed(0)
-    base_dir = build(root / "base")
+    base_dir = build(root / "base", TinyConfig(init_std=0.2))
     bundle = module.load(base_dir)
-    examples = make_split("train", 96)
-    _train(bundle.model, module, bundle, examples, steps=40, lr=1e-2)
-    sft = copy.deepcopy(bundle.model)
+    base = copy.deepcopy(bundle.model)
     lora = hf_lora.add_lora(bundle.model, rank=4)
-    _train(lora, module, bundle, examples[::-1], steps=4, lr=2e-2)
+    _train(lora, module, bundle, make_split("train", 16), steps=2, lr=5e-3)
     bundle.model = hf_lora.merged(lora)
     bundle.save(root / "policy")
     loaded = module.load(root / "policy")
     loaded.model.eval()
     reward = module.reward_model(loaded.model).eval()
     paths = module.export(loaded, reward, root / "onnx")
-    return FamilyRun(name, module, base_dir, sft, lora, root / "policy", loaded, reward, paths,
+    return FamilyRun(name, module, base_dir, base, lora, root / "policy", loaded, reward, paths,
                      {k: session(p) for k, p in paths.items()}, generate)
 
 
@@ -173,11 +173,11 @@ def test_every_graph_matches_pytorch(family, batch, prompt_len, past_len, new_le
             np.testing.assert_allclose(present, np.moveaxis(expected[1].numpy(), 3, 1)[real], atol=1e-4)
         else:
             for g, e in zip(got, expected):
-                np.testing.assert_allclose(g, e.numpy(), atol=1e-4, err_msg=name)
+                np.testing.assert_allclose(g, e.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 def test_greedy_onnx_generation_equals_generate(family):
-    exs = examples(6)
+    exs = examples(5)
     pixels, ids, mask, _, _ = family.batch(exs)
     assert len(set(mask.sum(1).tolist())) > 1  # rows of different prompt lengths, left-padded
     tokens = family.module.onnx_generate(family.sessions, family.bundle, pixels.numpy(), ids.numpy(), mask.numpy(),
@@ -192,7 +192,7 @@ def test_greedy_onnx_generation_equals_generate(family):
         assert tokens[i, :len(theirs)].tolist() == theirs, exs[i].prompt
         assert (tokens[i, len(theirs):] == pad).all()
         answers.add(tuple(theirs))
-    assert len(answers) > 1  # the SFT'd model answers differently per question: the check has teeth
+    assert len(answers) > 1  # answers differ by image and prompt: the check has teeth
 
 
 # -- reward model, log-probs ------------------------------------------------------------------
@@ -244,7 +244,7 @@ def test_lora_reference_logprobs_are_the_base_models(family):
     batch = family.batch(examples(3))
     reference = hf_lora.reference_logprobs(family.lora, family.module.sequence_logprobs, *batch)
     with torch.no_grad():
-        base = family.module.sequence_logprobs(family.sft, *batch)
+        base = family.module.sequence_logprobs(family.base, *batch)
         adapted = family.module.sequence_logprobs(family.lora, *batch)
     torch.testing.assert_close(reference, base)
     assert (adapted - base).abs().max() > 1e-3  # the adapters did learn something

@@ -54,6 +54,7 @@ class TinyConfig:
     n_text_layers: int = 2
     patch_size: int = 8
     max_positions: int = 128
+    init_std: float = 0.02  # transformers' initializer_range; larger makes a random model's answers vary
     seed: int = 0
 
 
@@ -85,10 +86,10 @@ def build_encoder_decoder(directory: Path, cfg: TinyConfig = TinyConfig(),
     ids = _special_ids(tokenizer)
     encoder = ViTConfig(image_size=pre.image_size, patch_size=cfg.patch_size, hidden_size=cfg.d_model,
                         num_hidden_layers=cfg.n_vision_layers, num_attention_heads=cfg.n_heads,
-                        intermediate_size=2 * cfg.d_model)
+                        intermediate_size=2 * cfg.d_model, initializer_range=cfg.init_std)
     decoder = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.max_positions, n_embd=cfg.d_model,
                          n_layer=cfg.n_text_layers, n_head=cfg.n_heads, add_cross_attention=True,
-                         is_decoder=True, **ids)
+                         is_decoder=True, initializer_range=cfg.init_std, **ids)
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     config.decoder_start_token_id = tokenizer.bos_token_id
     config.pad_token_id = tokenizer.pad_token_id
@@ -110,11 +111,12 @@ def build_llava(directory: Path, cfg: TinyConfig = TinyConfig(), pre: Preprocess
     n_patches = (pre.image_size // cfg.patch_size) ** 2
     vision = CLIPVisionConfig(image_size=pre.image_size, patch_size=cfg.patch_size, hidden_size=cfg.d_model,
                               intermediate_size=2 * cfg.d_model, num_hidden_layers=cfg.n_vision_layers,
-                              num_attention_heads=cfg.n_heads, projection_dim=cfg.d_model)
+                              num_attention_heads=cfg.n_heads, projection_dim=cfg.d_model,
+                              initializer_range=cfg.init_std)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.d_model, intermediate_size=2 * cfg.d_model,
                        num_hidden_layers=cfg.n_text_layers, num_attention_heads=cfg.n_heads,
                        num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_positions,
-                       tie_word_embeddings=True, **ids)
+                       tie_word_embeddings=True, initializer_range=cfg.init_std, **ids)
     # "default" drops CLIP's CLS token: one image token per patch.
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
