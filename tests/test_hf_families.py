@@ -161,7 +161,7 @@ def test_every_graph_matches_pytorch(family, batch, prompt_len, past_len, new_le
     modules = family.module.graph_modules(family.bundle, family.reward)
     for name, feed in inputs.items():
         with torch.no_grad():
-            expected = modules[name](**feed)
+            expected = modules[name](*feed.values())
         expected = expected if isinstance(expected, tuple) else (expected,)
         got = run(family.sessions[name], **feed)
         assert len(got) == len(expected), name

@@ -22,14 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from transformers import AutoImageProcessor, AutoTokenizer, EncoderDecoderCache, DynamicCache, VisionEncoderDecoderModel
+from transformers import (AutoImageProcessor, AutoTokenizer, DynamicCache, EncoderDecoderCache,
+                          VisionEncoderDecoderModel)
 
 from fuseloop.families import hf_layout
 from fuseloop.families.hf_layout import empty_past, pack_past, unpack_past
-from fuseloop.families.hf_onnx import dim, export_graph, greedy_generate, run
+from fuseloop.families.hf_onnx import Graph, dim, export_graphs, greedy_generate, run
 from fuseloop.families.hf_reward import HFRewardModel
 
 ENCODER, DECODER, REWARD = "encoder", "decoder", "reward"
+OUTPUTS = {ENCODER: ["encoder_hidden_states"], DECODER: ["logits", "present"], REWARD: ["rewards"]}
 
 
 @dataclass
@@ -121,24 +123,6 @@ def load_reward(directory: Path) -> HFRewardModel:
     return HFRewardModel(backbone, hidden_states, backbone.config.decoder.hidden_size).load_head(directory)
 
 
-class EncoderGraph(nn.Module):
-    def __init__(self, model: VisionEncoderDecoderModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values):
-        return encode(self.model, pixel_values)
-
-
-class DecoderGraph(nn.Module):
-    def __init__(self, model: VisionEncoderDecoderModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids, encoder_hidden_states, past):
-        return decode(self.model, input_ids, attention_mask, position_ids, encoder_hidden_states, past)
-
-
 def example_inputs(bundle: EncoderDecoderBundle, reward: HFRewardModel | None = None, batch: int = 2,
                    prompt_len: int = 5, past_len: int = 3, new_len: int = 2, seed: int = 0) -> dict[str, dict]:
     """Random, well-formed inputs for each graph, with padded rows (export examples and parity)."""
@@ -167,11 +151,9 @@ def example_inputs(bundle: EncoderDecoderBundle, reward: HFRewardModel | None = 
     }
 
 
-def graph_modules(bundle: EncoderDecoderBundle, reward: HFRewardModel) -> dict[str, nn.Module]:
-    return {ENCODER: EncoderGraph(bundle.model), DECODER: DecoderGraph(bundle.model), REWARD: reward}
+def graph_modules(bundle: EncoderDecoderBundle, reward: HFRewardModel) -> dict[str, Graph]:
+    return {ENCODER: Graph(bundle.model, encode), DECODER: Graph(bundle.model, decode), REWARD: Graph(reward)}
 
-
-OUTPUTS = {ENCODER: ["encoder_hidden_states"], DECODER: ["logits", "present"], REWARD: ["rewards"]}
 
 
 def export(bundle: EncoderDecoderBundle, reward: HFRewardModel, out_dir: Path,
@@ -187,10 +169,8 @@ def export(bundle: EncoderDecoderBundle, reward: HFRewardModel, out_dir: Path,
         REWARD: {"pixel_values": {0: B}, "prompt_ids": {0: B, 1: S}, "prompt_mask": {0: B, 1: S},
                  "response_ids": {0: B, 1: R}, "response_mask": {0: B, 1: R}},
     }
-    inputs = example_inputs(bundle)
-    modules = graph_modules(bundle, reward)
-    return {name: export_graph(modules[name], inputs[name], OUTPUTS[name], dynamic[name],
-                               out_dir / f"{name}.onnx", external_data) for name in OUTPUTS}
+    return export_graphs(graph_modules(bundle, reward), example_inputs(bundle), OUTPUTS, dynamic, out_dir,
+                         external_data)
 
 
 def onnx_generate(sessions: dict, bundle: EncoderDecoderBundle, pixel_values: np.ndarray, prompt_ids: np.ndarray,

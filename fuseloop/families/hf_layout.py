@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from fuseloop.preprocessing import pad_right
+
 
 def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, image_token: str | None = None) -> str:
     """The prompt as the model's chat template renders it, ready for the answer to follow."""
@@ -33,14 +35,10 @@ def response_ids(tokenizer: PreTrainedTokenizerBase, responses: list[str]) -> tu
 
 def pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (ids, mask), both (B, S) int64, padded on the left or the right."""
-    width = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, span] = torch.tensor(s, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
+    if not left:
+        return tuple(torch.from_numpy(a) for a in pad_right(seqs, pad_id))
+    ids, mask = pad_right([s[::-1] for s in seqs], pad_id)
+    return torch.from_numpy(ids[:, ::-1].copy()), torch.from_numpy(mask[:, ::-1].copy())
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForCon
 
 from fuseloop.families import hf_layout
 from fuseloop.families.hf_layout import empty_past, pack_past, unpack_past
-from fuseloop.families.hf_onnx import dim, export_graph, greedy_generate, run
+from fuseloop.families.hf_onnx import Graph, dim, export_graphs, greedy_generate, run
 from fuseloop.families.hf_reward import HFRewardModel
 
 VISION, EMBED, DECODER, REWARD = "vision", "embed", "decoder", "reward"
@@ -152,36 +152,10 @@ def load_reward(directory: Path) -> HFRewardModel:
     return HFRewardModel(backbone, hidden_states, backbone.config.text_config.hidden_size).load_head(directory)
 
 
-class VisionGraph(nn.Module):
-    def __init__(self, model: LlavaForConditionalGeneration) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values):
-        return image_features(self.model, pixel_values)
-
-
-class EmbedGraph(nn.Module):
-    def __init__(self, model: LlavaForConditionalGeneration) -> None:
-        super().__init__()
-        self.embed = model.get_input_embeddings()
-
-    def forward(self, input_ids):
-        return self.embed(input_ids)
-
-
-class DecoderGraph(nn.Module):
-    def __init__(self, model: LlavaForConditionalGeneration) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, past):
-        return decode(self.model, inputs_embeds, attention_mask, position_ids, past)
-
-
-def graph_modules(bundle: LlavaBundle, reward: HFRewardModel) -> dict[str, nn.Module]:
+def graph_modules(bundle: LlavaBundle, reward: HFRewardModel) -> dict[str, Graph]:
     m = bundle.model
-    return {VISION: VisionGraph(m), EMBED: EmbedGraph(m), DECODER: DecoderGraph(m), REWARD: reward}
+    return {VISION: Graph(m, image_features), EMBED: Graph(m.get_input_embeddings()), DECODER: Graph(m, decode),
+            REWARD: Graph(reward)}
 
 
 def example_inputs(bundle: LlavaBundle, batch: int = 2, prompt_len: int = 5, past_len: int = 3, new_len: int = 2,
@@ -229,10 +203,8 @@ def export(bundle: LlavaBundle, reward: HFRewardModel, out_dir: Path, external_d
         REWARD: {"pixel_values": {0: B}, "prompt_ids": {0: B, 1: S}, "prompt_mask": {0: B, 1: S},
                  "response_ids": {0: B, 1: R}, "response_mask": {0: B, 1: R}},
     }
-    inputs = example_inputs(bundle)
-    modules = graph_modules(bundle, reward)
-    return {name: export_graph(modules[name], inputs[name], OUTPUTS[name], dynamic[name],
-                               out_dir / f"{name}.onnx", external_data) for name in OUTPUTS}
+    return export_graphs(graph_modules(bundle, reward), example_inputs(bundle), OUTPUTS, dynamic, out_dir,
+                         external_data)
 
 
 def onnx_generate(sessions: dict, bundle: LlavaBundle, pixel_values: np.ndarray, prompt_ids: np.ndarray,

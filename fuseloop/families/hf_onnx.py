@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fuseloop.families.hf_layout import positions
+
 OPSET = 20
 MAX_DIM = 4096
 
@@ -18,22 +20,43 @@ def dim(name: str, min: int = 1) -> torch.export.Dim:
     return torch.export.Dim(name, min=min, max=MAX_DIM)
 
 
-def export_graph(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str],
-                 dynamic: dict[str, dict], path: Path, external_data: bool = False, optimize: bool = False) -> Path:
-    """torch.onnx.export (dynamo) of `module(**inputs)`; the input names are `inputs`' keys.
+class Graph(torch.nn.Module):
+    """`fn(model, *inputs)` as one module to export (by default the model itself); its weights
+    are the model's."""
+
+    def __init__(self, model: torch.nn.Module, fn: Callable | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn if fn is not None else (lambda m, *inputs: m(*inputs))
+
+    def forward(self, *inputs):
+        return self.fn(self.model, *inputs)
+
+
+def export_graph(graph: Graph, inputs: dict[str, torch.Tensor], outputs: list[str], dynamic: dict[str, dict],
+                 path: Path, external_data: bool = False) -> Path:
+    """torch.onnx.export (dynamo) of `graph(*inputs.values())`; the input names are `inputs`' keys.
 
     Example inputs must not use size 1 (or 0) on a dynamic axis: torch.export specializes it.
-    `external_data=True` writes the weights to `<path>.data` beside the graph."""
+    `external_data=True` writes the weights to a file beside the graph (`model.onnx.data`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    module.eval()
+    graph.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args=(), kwargs=inputs, f=None, input_names=list(inputs),
-                                    output_names=outputs, dynamic_shapes=dynamic, dynamo=True,
-                                    opset_version=OPSET, verbose=False, optimize=optimize)
+        # optimize=False keeps weights as initializers named after their parameters.
+        program = torch.onnx.export(graph, args=tuple(inputs.values()), f=None, input_names=list(inputs),
+                                    output_names=outputs, dynamic_shapes={"inputs": tuple(dynamic[n] for n in inputs)},
+                                    dynamo=True, opset_version=OPSET, verbose=False, optimize=False)
     program.save(str(path), external_data=external_data)
     return path
+
+
+def export_graphs(graphs: dict[str, Graph], inputs: dict[str, dict], outputs: dict[str, list[str]],
+                  dynamic: dict[str, dict], out_dir: Path, external_data: bool = False) -> dict[str, Path]:
+    """Exports each named graph to `out_dir/<name>.onnx`; returns name -> path."""
+    return {name: export_graph(graphs[name], inputs[name], outputs[name], dynamic[name], out_dir / f"{name}.onnx",
+                               external_data) for name in outputs}
 
 
 def session(path: Path):
@@ -58,8 +81,7 @@ def greedy_generate(step: StepFn, prompt_ids: np.ndarray, prompt_mask: np.ndarra
     step per token with the packed past. Returns (B, <= max_new_tokens) tokens, EOS included,
     PAD after it (as `generate` pads finished rows)."""
     mask = prompt_mask.astype(np.int64)
-    pos = np.maximum(mask.cumsum(-1) - 1, 0) * mask
-    logits, past = step(prompt_ids, mask, pos, empty_past)
+    logits, past = step(prompt_ids, mask, positions(torch.from_numpy(mask)).numpy(), empty_past)
     nxt_pos = mask.sum(-1)  # (B,)
     done = np.zeros(len(mask), dtype=bool)
     out = []
