@@ -272,7 +272,7 @@ def _onnx_logprobs(family, pixels, ids, mask, r_ids, r_mask) -> np.ndarray:
     """Teacher-forced log-probs from one prefill of the decoder graph over prompt + response."""
     full, full_mask, pos = (t.numpy() for t in hf_layout.join(ids, mask, r_ids, r_mask))
     L, H, hd = family.bundle.cache_shape()
-    past = hf_layout.empty_past(len(full), L, H, hd)
+    past = hf_layout.empty_past(len(full), L, H, hd).numpy()
     s = family.sessions
     if family.name == "llava":
         (features,) = run(s["vision"], pixel_values=pixels)

@@ -93,15 +93,10 @@ def decode(model: VisionEncoderDecoderModel, input_ids, attention_mask, position
     return first, pack_past(out.past_key_values.self_attention_cache)
 
 
-def _empty_past(model: VisionEncoderDecoderModel, batch: int) -> torch.Tensor:
-    L, H, hd = cache_shape(model)
-    return torch.zeros(batch, 2 * L, H, 0, hd)
-
-
 def hidden_states(model, pixel_values, ids, mask, positions) -> torch.Tensor:
     """Final decoder hidden states (B, S, d) of a whole sequence (the reward model's read-out)."""
-    hidden, _ = decode(model, ids, mask, positions, encode(model, pixel_values), _empty_past(model, ids.shape[0]),
-                       lm_head=False)
+    past = empty_past(ids.shape[0], *cache_shape(model))
+    hidden, _ = decode(model, ids, mask, positions, encode(model, pixel_values), past, lm_head=False)
     return hidden
 
 
@@ -183,5 +178,5 @@ def onnx_generate(sessions: dict, bundle: EncoderDecoderBundle, pixel_values: np
                    encoder_hidden_states=enc, past=past)
 
     tok = bundle.tokenizer
-    return greedy_generate(step, prompt_ids, prompt_mask, empty_past(len(prompt_ids), *bundle.cache_shape()),
+    return greedy_generate(step, prompt_ids, prompt_mask, bundle.cache_shape(),
                            max_new_tokens, tok.eos_token_id, tok.pad_token_id)

@@ -13,7 +13,6 @@ Both families (`hf_encoder_decoder`, `hf_llava`) feed a causal text model `promp
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
@@ -80,5 +79,6 @@ def pack_past(cache: DynamicCache) -> torch.Tensor:
     return torch.stack([t for layer in cache.layers for t in (layer.keys, layer.values)], dim=1)
 
 
-def empty_past(batch: int, n_layers: int, n_kv_heads: int, head_dim: int) -> np.ndarray:
-    return np.zeros((batch, 2 * n_layers, n_kv_heads, 0, head_dim), dtype=np.float32)
+def empty_past(batch: int, n_layers: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """A cache holding no tokens yet: (B, 2L, H, 0, hd)."""
+    return torch.zeros(batch, 2 * n_layers, n_kv_heads, 0, head_dim)

@@ -122,16 +122,12 @@ def decode(model: LlavaForConditionalGeneration, inputs_embeds, attention_mask, 
     return (model.lm_head(hidden) if lm_head else hidden), pack_past(out.past_key_values)
 
 
-def _empty_past(model: LlavaForConditionalGeneration, batch: int) -> torch.Tensor:
-    L, H, hd = cache_shape(model)
-    return torch.zeros(batch, 2 * L, H, 0, hd)
-
-
 def hidden_states(model, pixel_values, ids, mask, positions) -> torch.Tensor:
     """Final hidden states (B, S, d) of a whole sequence (the reward model's read-out)."""
     embeds = splice(ids, model.get_input_embeddings()(ids), image_features(model, pixel_values),
                     model.config.image_token_id)
-    hidden, _ = decode(model, embeds, mask, positions, _empty_past(model, ids.shape[0]), lm_head=False)
+    past = empty_past(ids.shape[0], *cache_shape(model))
+    hidden, _ = decode(model, embeds, mask, positions, past, lm_head=False)
     return hidden
 
 
@@ -218,5 +214,5 @@ def onnx_generate(sessions: dict, bundle: LlavaBundle, pixel_values: np.ndarray,
         return run(sessions[DECODER], inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past=past)
 
     tok = bundle.tokenizer
-    return greedy_generate(step, prompt_ids, prompt_mask, empty_past(len(prompt_ids), *bundle.cache_shape()),
+    return greedy_generate(step, prompt_ids, prompt_mask, bundle.cache_shape(),
                            max_new_tokens, tok.eos_token_id, tok.pad_token_id)

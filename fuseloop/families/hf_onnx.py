@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fuseloop.families.hf_layout import positions
+from fuseloop.families.hf_layout import empty_past, positions
 
 OPSET = 20
 MAX_DIM = 4096
@@ -75,13 +75,14 @@ def run(sess, **inputs: np.ndarray | torch.Tensor) -> list[np.ndarray]:
 StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def greedy_generate(step: StepFn, prompt_ids: np.ndarray, prompt_mask: np.ndarray, empty_past: np.ndarray,
+def greedy_generate(step: StepFn, prompt_ids: np.ndarray, prompt_mask: np.ndarray, cache_shape: tuple[int, int, int],
                     max_new_tokens: int, eos_id: int, pad_id: int) -> np.ndarray:
     """Greedy decoding over a family's graphs: one prefill of the left-padded prompts, then one
     step per token with the packed past. Returns (B, <= max_new_tokens) tokens, EOS included,
     PAD after it (as `generate` pads finished rows)."""
     mask = prompt_mask.astype(np.int64)
-    logits, past = step(prompt_ids, mask, positions(torch.from_numpy(mask)).numpy(), empty_past)
+    past = empty_past(len(mask), *cache_shape).numpy()
+    logits, past = step(prompt_ids, mask, positions(torch.from_numpy(mask)).numpy(), past)
     nxt_pos = mask.sum(-1)  # (B,)
     done = np.zeros(len(mask), dtype=bool)
     out = []
