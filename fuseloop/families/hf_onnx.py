@@ -38,7 +38,8 @@ def export_graph(graph: Graph, inputs: dict[str, torch.Tensor], outputs: list[st
     """torch.onnx.export (dynamo) of `graph(*inputs.values())`; the input names are `inputs`' keys.
 
     Example inputs must not use size 1 (or 0) on a dynamic axis: torch.export specializes it.
-    `external_data=True` writes the weights to a file beside the graph (`model.onnx.data`)."""
+    `external_data=True` writes the weights to a file beside the graph (`model.onnx.data`).
+    Leaves the graph's model in eval mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     graph.eval()

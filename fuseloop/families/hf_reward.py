@@ -34,7 +34,8 @@ class HFRewardModel(nn.Module):
 
     @classmethod
     def from_policy(cls, policy: nn.Module, hidden: HiddenFn, d_model: int) -> "HFRewardModel":
-        """A fresh head on a copy of the policy's weights (the policy stays untouched)."""
+        """A fresh head on a copy of the policy's weights (the policy stays untouched); pass a
+        plain `transformers` model (`hf_lora.merged` of a LoRA policy)."""
         return cls(copy.deepcopy(policy), hidden, d_model)
 
     def forward(self, pixel_values, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
