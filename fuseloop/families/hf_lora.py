@@ -1,0 +1,38 @@
+"""Optional LoRA adapters (peft) on a Hugging Face family's policy (`--lora-rank R`).
+
+Training updates only the adapters; the frozen base under them is the reference policy of the
+KL term, so no second copy of the model is kept: `reference_logprobs` runs the same model with
+the adapters disabled. Export and saving take `merged(model)`, a plain `transformers` model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from peft import LoraConfig, PeftModel, get_peft_model
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
+             target_modules: str | list[str] = "all-linear") -> PeftModel:
+    """Wraps `model` (in place) with rank-`rank` adapters; only they are trainable. "all-linear"
+    is every linear layer but the output head (GPT-2's Conv1D layers included)."""
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
+                        target_modules=target_modules)
+    return get_peft_model(model, config)
+
+
+def reference_logprobs(model: PeftModel, logprobs: Callable[..., torch.Tensor], *inputs) -> torch.Tensor:
+    """`logprobs(model, *inputs)` under the base weights (the adapters switched off)."""
+    with torch.no_grad(), model.disable_adapter():
+        return logprobs(model, *inputs)
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """The model with its adapters folded into the weights, as a copy (training may go on);
+    a model without adapters is returned as it is."""
+    if isinstance(model, PeftModel):
+        return copy.deepcopy(model).merge_and_unload()
+    return model
