@@ -52,8 +52,8 @@ def _train(args: argparse.Namespace) -> int:
         bus = open_bus(args.bus, client_id="fuseloop-trainer")
     except ValueError as e:  # a malformed bus URL
         raise UserError(str(e)) from None
-    trainer = Trainer(config, bus, ModelRepository(Path(args.repo)), topics,
-                      deployer=make_deployer(args.deploy_to, args.admin_token))
+    repo = ModelRepository(Path(args.repo))
+    trainer = Trainer(config, bus, repo, topics, deployer=make_deployer(args.deploy_to, args.admin_token, repo))
     metrics, registry = _trainer_metrics(args.metrics_port)
     try:
         with StopSignals() as signals:
@@ -91,7 +91,7 @@ def _describe(schedule) -> str:
 
 def _models(args: argparse.Namespace) -> int:
     from fuseloop.repository import ModelRepository
-    from trainer.deploy import AdminDeployer
+    from trainer.deploy import AdminDeployer, RecordDeployer
 
     if args.action == "list":
         if args.server:
@@ -108,11 +108,13 @@ def _models(args: argparse.Namespace) -> int:
             key = {k: m.metrics[k] for k in ("gold_accuracy_greedy", "round", "kl") if k in m.metrics}
             print(f"{'*' if v == serving else ' '} {v:>7}  {m.parent_version or '-':>6}  {m.created_at:25}  {json.dumps(key)}")
         return 0
-    if not args.server:
-        raise UserError(f"models {args.action} needs --server HOST:PORT (the inference service)")
+    if not (args.server or args.repo):
+        raise UserError(f"models {args.action} needs --repo REPO_DIR (the fleet's serving record) "
+                        "or --server HOST:PORT (an inference replica)")
     if args.action == "deploy" and not (args.version or "").isdigit():
         raise UserError(f"models deploy needs a version number, e.g. `fuseloop models deploy 7`, got {args.version!r}")
-    deployer = AdminDeployer(args.server, args.admin_token)
+    deployer = (AdminDeployer(args.server, args.admin_token) if args.server
+                else RecordDeployer(ModelRepository(Path(args.repo))))
     print(deployer.deploy(int(args.version)) if args.action == "deploy" else deployer.rollback())
     return 0
 
@@ -128,7 +130,9 @@ def add_parsers(sub: argparse._SubParsersAction, bench: argparse._SubParsersActi
     p = sub.add_parser("train", help="consume feedback, retrain, gate, publish and redeploy")
     p.add_argument("--repo", required=True, help="model repository (Triton layout)")
     p.add_argument("--bus", required=True, help="kafka://HOST:PORT?api_version=0.9 or sqlite:///PATH.db")
-    p.add_argument("--deploy-to", help="inference service HOST:PORT (admin Deploy) or triton://HOST:PORT")
+    p.add_argument("--deploy-to", help="default: the repository's serving record, which every replica follows; "
+                                       "or an inference service HOST:PORT (admin Deploy), triton://HOST:PORT, "
+                                       "or `none` (publish only)")
     p.add_argument("--admin-token", default=token, help="admin token (default: $FUSELOOP_ADMIN_TOKEN)")
     p.add_argument("--workdir", default=None, help=f"the trainer's dataset store, reports, plots (default {DEFAULT_WORKDIR})")
     p.add_argument("--rounds", type=int, default=None, help="rounds to run (default 1; scheduled: until a signal)")
@@ -150,7 +154,7 @@ def add_parsers(sub: argparse._SubParsersAction, bench: argparse._SubParsersActi
     p = sub.add_parser("models", help="list, deploy and roll back model versions")
     p.add_argument("action", choices=("list", "deploy", "rollback"))
     p.add_argument("version", nargs="?", help="the version, for deploy")
-    p.add_argument("--repo", help="model repository, for list")
+    p.add_argument("--repo", help="model repository: list it, or deploy/roll back by changing its serving record")
     p.add_argument("--server", help="inference service HOST:PORT")
     p.add_argument("--admin-token", default=token, help="admin token (default: $FUSELOOP_ADMIN_TOKEN)")
     p.set_defaults(func=_models)

@@ -1,5 +1,6 @@
-"""Redeploying a published version: the fuseloop admin Deploy RPC (embedded runtime, or a
-service fronting Triton), or Triton's RepositoryModelLoad directly."""
+"""Redeploying a published version. By default, by changing the fleet's serving record in the
+repository (every inference replica converges on it); or through one replica's admin Deploy RPC
+(which changes the same record); or Triton's RepositoryModelLoad directly."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from abc import ABC, abstractmethod
 
 import grpc
 
-from fuseloop.repository import MODELS
+from fuseloop.repository import MODELS, ModelRepository, RepositoryError, ServingState
 from fuseloop.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -18,6 +19,35 @@ class Deployer(ABC):
 
     def rollback(self) -> str:
         raise NotImplementedError(f"{type(self).__name__} cannot roll back")
+
+
+class RecordDeployer(Deployer):
+    """Changes the serving record (`serving.json` in the shared repository). Every replica watching
+    it loads, warms and swaps within its watch interval; one that can't keeps serving what it has
+    and says so in Status. The version is verified against its manifest first, so a broken
+    artifact never becomes the fleet's desired state."""
+
+    def __init__(self, repo: ModelRepository, history_limit: int = 50) -> None:
+        self.repo, self.history_limit = repo, history_limit
+
+    def deploy(self, version: int) -> str:
+        if version not in self.repo.versions():
+            raise RepositoryError(f"version {version} is not in the repository "
+                                  f"(available: {', '.join(map(str, self.repo.versions())) or 'none'})")
+        self.repo.verify(version)
+        state = ServingState.update(self.repo.serving_state_path, lambda s: s.deployed(version, self.history_limit))
+        return (f"serving record of {self.repo.root}: version {version} (previous {state.previous or '-'}, "
+                f"generation {state.generation}); replicas converge on it")
+
+    def rollback(self) -> str:
+        record = self.repo.serving_state()
+        if record.previous is None:
+            raise RepositoryError(f"the serving record of {self.repo.root} has no previous version to roll back to")
+        target = record.previous
+        self.repo.verify(target)
+        state = ServingState.update(self.repo.serving_state_path, lambda s: s.deployed(target, self.history_limit),
+                                    expect_generation=record.generation)
+        return f"serving record of {self.repo.root}: rolled back to {target} (was {state.previous}, generation {state.generation})"
 
 
 class AdminDeployer(Deployer):
@@ -66,10 +96,13 @@ class TritonDeployer(Deployer):
         return f"loaded version {version} on Triton {self.url}"
 
 
-def make_deployer(target: str | None, admin_token: str = "") -> Deployer | None:
-    """`HOST:PORT` -> the fuseloop admin service; `triton://HOST:PORT` -> Triton; None -> publish only."""
-    if not target:
+def make_deployer(target: str | None, admin_token: str = "", repo: ModelRepository | None = None) -> Deployer | None:
+    """None -> the repository's serving record (the fleet converges); `HOST:PORT` -> one replica's
+    admin service (which changes the record); `triton://HOST:PORT` -> Triton; `none` -> publish only."""
+    if target == "none":
         return None
+    if not target:
+        return RecordDeployer(repo) if repo is not None else None
     if target.startswith("triton://"):
         return TritonDeployer(target.removeprefix("triton://"))
     return AdminDeployer(target.removeprefix("grpc://"), admin_token)

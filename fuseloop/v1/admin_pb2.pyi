@@ -41,27 +41,37 @@ class RollbackRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DeployResponse(_message.Message):
-    __slots__ = ("serving_version", "previous_version")
+    __slots__ = ("serving_version", "previous_version", "generation")
     SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     serving_version: str
     previous_version: str
-    def __init__(self, serving_version: _Optional[str] = ..., previous_version: _Optional[str] = ...) -> None: ...
+    generation: int
+    def __init__(self, serving_version: _Optional[str] = ..., previous_version: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("serving_version", "previous_version", "runtime", "ready", "history")
+    __slots__ = ("serving_version", "previous_version", "runtime", "ready", "history", "desired_version", "desired_generation", "desired_status", "desired_error")
     SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_STATUS_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_ERROR_FIELD_NUMBER: _ClassVar[int]
     serving_version: str
     previous_version: str
     runtime: str
     ready: bool
     history: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, serving_version: _Optional[str] = ..., previous_version: _Optional[str] = ..., runtime: _Optional[str] = ..., ready: _Optional[bool] = ..., history: _Optional[_Iterable[str]] = ...) -> None: ...
+    desired_version: str
+    desired_generation: int
+    desired_status: str
+    desired_error: str
+    def __init__(self, serving_version: _Optional[str] = ..., previous_version: _Optional[str] = ..., runtime: _Optional[str] = ..., ready: _Optional[bool] = ..., history: _Optional[_Iterable[str]] = ..., desired_version: _Optional[str] = ..., desired_generation: _Optional[int] = ..., desired_status: _Optional[str] = ..., desired_error: _Optional[str] = ...) -> None: ...

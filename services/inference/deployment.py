@@ -11,16 +11,18 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from fuseloop.repository import ModelRepository, RepositoryError, ServingState
+from services.inference.metrics import InferenceMetrics
 from services.inference.runtime.base import LoadedVersion, ModelRuntime, RuntimeError_
 
 log = logging.getLogger(__name__)
-
 
 
 class VersionNotFound(LookupError):
@@ -110,21 +112,41 @@ class Lease:
         self.release()
 
 
+@dataclass
+class LoadFailure:
+    """The desired version would not load here: why, and when to try again."""
+
+    error: str
+    backoff_s: float
+    retry_at: float
+
+
 class Deployment:
-    """The serving version and the previous one. Deploys are serialized; reads are lock-free."""
+    """This replica's serving version, converging on the fleet's record (`serving.json`, see
+    `fuseloop.repository.ServingState`). Deploy and Rollback verify, load and warm the version
+    here first, then change the record; every other replica's watcher sees the change within
+    `watch_interval_s`, loads and warms, then swaps. A replica that cannot load the desired version
+    keeps serving what it has, reports NOT_SERVING for it, and retries with backoff.
+    Deploys are serialized; reads are lock-free."""
 
     def __init__(self, repo: ModelRepository, runtime: ModelRuntime, executor: Executor,
                  state_path: Path | None = None, history_limit: int = 50,
-                 mirrors: Sequence[VersionMirror] = ()) -> None:
+                 mirrors: Sequence[VersionMirror] = (), watch_interval_s: float = 0.5,
+                 retry_backoff_s: tuple[float, float] = (1.0, 30.0), metrics: InferenceMetrics | None = None) -> None:
         self.repo = repo
         self.runtime = runtime
         self.executor = executor
         self.mirrors = mirrors
         self.state_path = Path(state_path) if state_path else repo.serving_state_path
         self.history_limit = history_limit
-        self.state = ServingState.read(self.state_path)
+        self.watch_interval_s = watch_interval_s
+        self.retry_backoff_s = retry_backoff_s
+        self.metrics = metrics
+        self.state = ServingState.read(self.state_path)  # the record, as last read
+        self.failures: dict[int, LoadFailure] = {}  # desired versions that would not load here
         self._serving: ServedVersion | None = None
         self._deploy_lock = asyncio.Lock()
+        self._watcher: asyncio.Task | None = None
         self.last_error: str = ""
         self._listeners: list[Callable[[int], None]] = []
 
@@ -136,6 +158,17 @@ class Deployment:
     def serving(self) -> ServedVersion | None:
         return self._serving
 
+    @property
+    def desired_status(self) -> str:
+        """This replica against the record: SERVING (it serves the desired version), LOADING, or
+        NOT_SERVING (it could not load it, see `failures`); "" when there is no record yet."""
+        wanted = self.state.serving
+        if wanted is None:
+            return ""
+        if self._serving is not None and self._serving.version == wanted:
+            return "SERVING"
+        return "NOT_SERVING" if wanted in self.failures else "LOADING"
+
     def acquire(self) -> Lease:
         served = self._serving
         if served is None:
@@ -143,26 +176,39 @@ class Deployment:
         return served.lease()
 
     def initial_version(self) -> int | None:
-        """The persisted serving version if it is still in the repository, else the latest."""
+        """The recorded serving version if it is in the repository, else the latest."""
         available = self.repo.versions()
         if self.state.serving in available:
             return self.state.serving
         if self.state.serving is not None:
-            log.warning("persisted serving version %s is not in %s; serving the latest", self.state.serving, self.repo.root)
+            log.warning("recorded serving version %s is not in %s; serving the latest", self.state.serving, self.repo.root)
         return available[-1] if available else None
 
     async def start(self) -> None:
-        """Loads the initial version; on failure the server stays up, NOT_SERVING, until a Deploy."""
+        """Loads the initial version (on failure the server stays up, NOT_SERVING), then watches
+        the record."""
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="serving-record-watcher")
         version = self.initial_version()
         if version is None:
             self.last_error = f"the repository {self.repo.root} has no versions"
             log.warning("%s; waiting for a Deploy", self.last_error)
             return
-        try:
-            await self._swap_to(version, persist=False)
-        except (RepositoryError, VersionNotFound, RuntimeError_, OSError) as e:
-            self.last_error = str(e)
-            log.error("could not load version %s: %s", version, e)
+        async with self._deploy_lock:
+            try:
+                await self._swap(await self._load(version))
+            except (RepositoryError, VersionNotFound, RuntimeError_, OSError) as e:
+                self.last_error = str(e)
+                self._failed(version, e)
+                log.error("could not load version %s: %s", version, e)
+
+    async def stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            try:
+                await self._watcher
+            except asyncio.CancelledError:
+                pass
+            self._watcher = None
 
     def close(self) -> None:
         """Retires the serving version (closed once in-flight requests are done)."""
@@ -172,21 +218,74 @@ class Deployment:
 
     async def deploy(self, version: int) -> ServingState:
         async with self._deploy_lock:
-            if self._serving is not None and self._serving.version == version:
-                return self.state
-            await self._swap_to(version, persist=True)
-            return self.state
+            return await self._decide(version, lambda s: self._or_local(s).deployed(version, self.history_limit))
 
     async def rollback(self) -> ServingState:
         async with self._deploy_lock:
-            if self.state.previous is None:
+            record = self._or_local(ServingState.read(self.state_path))
+            if record.previous is None:
                 raise NothingToRollBack("there is no previous version to roll back to")
-            await self._swap_to(self.state.previous, persist=True)
-            return self.state
+            target = record.previous
+            return await self._decide(target, lambda s: self._or_local(s).deployed(target, self.history_limit),
+                                      record.generation)
 
-    async def _swap_to(self, version: int, persist: bool) -> None:
-        """Loads `version` beside the serving one, records it (in the state file when `persist`:
-        deploys, not the startup load, so a read-only repository can still be served), swaps."""
+    async def converge(self) -> None:
+        """One look at the record: load and warm what it names, then swap (or note why not)."""
+        record = await asyncio.get_running_loop().run_in_executor(self.executor, ServingState.read, self.state_path)
+        if record.serving is None:  # no record yet: keep what serves
+            return
+        self.state = record
+        wanted = record.serving
+        self._report()
+        failure = self.failures.get(wanted)
+        if (self._serving is not None and self._serving.version == wanted) or \
+                (failure is not None and time.monotonic() < failure.retry_at):
+            return
+        async with self._deploy_lock:
+            if self._serving is not None and self._serving.version == wanted:
+                return
+            try:
+                served = await self._load(wanted)
+            except (RepositoryError, VersionNotFound, RuntimeError_, OSError) as e:
+                self._failed(wanted, e)
+                return
+            await self._swap(served)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.watch_interval_s)
+            try:
+                await self.converge()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad moment on a shared volume must not end the watch
+                log.exception("converging on %s failed", self.state_path)
+
+    def _or_local(self, record: ServingState) -> ServingState:
+        """No record yet (a repository never deployed to): what this replica serves stands in for it."""
+        if record.serving is not None or self.state.serving is None:
+            return record
+        return ServingState(self.state.serving, self.state.previous, list(self.state.history), record.generation)
+
+    async def _decide(self, version: int, change: Callable[[ServingState], ServingState],
+                      expect_generation: int | None = None) -> ServingState:
+        """Verify, load and warm `version` here, then change the record (so a version that can't
+        load never becomes the fleet's), then swap."""
+        served = None
+        if self._serving is None or self._serving.version != version:
+            served = await self._load(version)
+        try:
+            state = ServingState.update(self.state_path, change, expect_generation)
+        except BaseException:
+            if served is not None:
+                served.retire()
+            raise
+        self.state = state
+        if served is not None:
+            await self._swap(served)
+        return state
+
+    async def _load(self, version: int) -> ServedVersion:
         if version not in self.repo.versions():
             raise VersionNotFound(f"version {version} is not in the repository "
                                   f"(available: {', '.join(map(str, self.repo.versions())) or 'none'})")
@@ -199,23 +298,38 @@ class Deployment:
         except BaseException:
             served.retire()
             raise
+        return served
+
+    def _failed(self, version: int, error: BaseException) -> None:
+        low, high = self.retry_backoff_s
+        before = self.failures.get(version)
+        backoff = low if before is None else min(high, before.backoff_s * 2)
+        self.failures[version] = LoadFailure(str(error), backoff, time.monotonic() + backoff)
+        self._report()
+        if before is None or before.error != str(error):
+            log.error("cannot load desired version %s (keeps serving %s; retrying): %s", version,
+                      self._serving.version if self._serving else "nothing", error)
+
+    def _report(self) -> None:
+        wanted = self.state.serving
+        if self.metrics is None or wanted is None:
+            return
+        self.metrics.desired_version.set(wanted)
+        self.metrics.desired_serving.labels(str(wanted)).set(1 if self.desired_status == "SERVING" else 0)
+
+    async def _swap(self, served: ServedVersion) -> None:
         old = self._serving
-        if persist:
-            state = ServingState(serving=version, previous=old.version if old else self.state.serving,
-                                    history=(self.state.history + [version])[-self.history_limit:])
-            try:
-                state.write(self.state_path)
-            except OSError:
-                served.retire()
-                raise
-            self.state = state
-        elif self.state.serving != version:  # startup without (a usable) state file
+        version = served.version
+        if self.state.serving != version:  # startup without (a usable) record: serve, don't write
             self.state = ServingState(serving=version, previous=None,
-                                         history=(self.state.history + [version])[-self.history_limit:])
+                                      history=(self.state.history + [version])[-self.history_limit:],
+                                      generation=self.state.generation)
         self._serving = served  # the swap: one reference assignment
+        self.failures.pop(version, None)
         self.last_error = ""
         if old is not None:
             old.retire()
+        self._report()
         log.info("serving version %s (previous %s)", version, self.state.previous)
         for listener in self._listeners:
             result = listener(version)

@@ -40,6 +40,11 @@ class InferenceMetrics(MetricsRegistry):
         self.kserve_internal_errors = Counter("fuseloop_kserve_internal_errors",
                                               "KServe v2 calls answered INTERNAL (server faults, logged)", registry=r)
         self.deploys = Counter("fuseloop_inference_deploys", "Version swaps", registry=r)
+        self.desired_version = Gauge("fuseloop_inference_desired_version",
+                                     "The version the fleet's serving record says should serve", registry=r)
+        self.desired_serving = Gauge("fuseloop_inference_desired_version_serving",
+                                     "1: this replica serves the desired version; 0: not yet, or it could not "
+                                     "load it (it keeps serving what it has and retries)", ["version"], registry=r)
         # Children the worker threads update on every step, looked up once.
         self.encode_batch, self.decode_batch, self.score_batch = (self.batch_size.labels(k) for k in ("encode", "decode", "score"))
         self.generate_queue_time, self.score_queue_time = (self.queue_time.labels(k) for k in ("generate", "score"))
