@@ -160,5 +160,56 @@ def test_concurrent_changes_through_different_replicas_serialize(fleet):
     record = ServingState.read(repo / "serving.json")
     # Each change saw the one before it; none was lost.
     assert len(answers) == 3 and record.generation > before
-    final = str(record.serving)
-    converged_in(clients, final)
+    converged_in(clients, str(record.serving))
+    RecordDeployer(ModelRepository(repo)).deploy(2)
+    converged_in(clients, "2")
+
+
+def test_a_canary_takes_a_sticky_tenth_of_sessions_on_every_replica_then_promotes(fleet):
+    repo, servers, clients = fleet
+    reply = clients[1].admin.Deploy(admin_pb2.DeployRequest(version="1", canary_percent=10), metadata=AUTH)
+    assert (reply.serving_version, reply.canary_version) == ("2", "1")
+    t0 = time.monotonic()
+    while not all(c.status().canary_status == "SERVING" for c in clients):
+        assert time.monotonic() - t0 < CONVERGE_S
+        time.sleep(0.05)
+    sessions = [f"user-{i}" for i in range(300)]
+    arm_of: dict[str, set] = {}
+    for i, session in enumerate(sessions):
+        for c in (clients[i % 3], clients[(i + 1) % 3]):  # the same session through two replicas
+            request = inference_pb2.GenerateRequest(image=REQUEST.image, prompt=REQUEST.prompt, session_id=session)
+            arm_of.setdefault(session, set()).add(c.inference.Generate(request).model_version)
+    assert all(len(v) == 1 for v in arm_of.values())  # sticky, whichever replica answers
+    share = sum(v == {"1"} for v in arm_of.values()) / len(sessions)
+    assert abs(share - 0.10) < 0.04, share
+    canary_calls = sum(s.server.metrics.responses.labels("1", "canary")._value.get() for s in servers)
+    assert canary_calls == 2 * sum(v == {"1"} for v in arm_of.values())
+    # Deploying the canary's version promotes it: everyone gets it, the trial ends.
+    assert clients[0].deploy("1").serving_version == "1"
+    converged_in(clients, "1")
+    assert all(c.status().canary_version == "" for c in clients)
+    RecordDeployer(ModelRepository(repo)).deploy(2)
+    converged_in(clients, "2")
+
+
+def test_rollback_during_a_canary_ends_the_trial_and_keeps_the_serving_version(fleet):
+    repo, servers, clients = fleet
+    print(RecordDeployer(ModelRepository(repo)).canary(1, 50))
+    t0 = time.monotonic()
+    while not all(c.status().canary_status == "SERVING" for c in clients):
+        assert time.monotonic() - t0 < CONVERGE_S
+        time.sleep(0.05)
+    clients[2].admin.Rollback(admin_pb2.RollbackRequest(), metadata=AUTH)
+    t0 = time.monotonic()
+    while any(s.server.deployment.canary is not None for s in servers):
+        assert time.monotonic() - t0 < CONVERGE_S
+        time.sleep(0.05)
+    assert all(c.status().serving_version == "2" for c in clients)
+    record = ServingState.read(repo / "serving.json")
+    assert (record.serving, record.canary) == (2, None)
+    with pytest.raises(grpc.RpcError) as err:
+        clients[0].admin.Deploy(admin_pb2.DeployRequest(version="2", canary_percent=10), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already serves everyone" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        clients[0].admin.Deploy(admin_pb2.DeployRequest(version="1", canary_percent=150), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -115,7 +115,14 @@ def _models(args: argparse.Namespace) -> int:
         raise UserError(f"models deploy needs a version number, e.g. `fuseloop models deploy 7`, got {args.version!r}")
     deployer = (AdminDeployer(args.server, args.admin_token) if args.server
                 else RecordDeployer(ModelRepository(Path(args.repo))))
-    print(deployer.deploy(int(args.version)) if args.action == "deploy" else deployer.rollback())
+    if args.action == "rollback":
+        print(deployer.rollback())
+    elif args.canary is not None:
+        if not 0 < args.canary < 100:
+            raise UserError(f"--canary is a share of traffic between 0 and 100 percent, got {args.canary:g}")
+        print(deployer.canary(int(args.version), args.canary))
+    else:
+        print(deployer.deploy(int(args.version)))
     return 0
 
 
@@ -156,6 +163,8 @@ def add_parsers(sub: argparse._SubParsersAction, bench: argparse._SubParsersActi
     p.add_argument("version", nargs="?", help="the version, for deploy")
     p.add_argument("--repo", help="model repository: list it, or deploy/roll back by changing its serving record")
     p.add_argument("--server", help="inference service HOST:PORT")
+    p.add_argument("--canary", type=float, metavar="PERCENT",
+                   help="deploy: put the version on trial for this sticky share of traffic (rollback ends it)")
     p.add_argument("--admin-token", default=token, help="admin token (default: $FUSELOOP_ADMIN_TOKEN)")
     p.set_defaults(func=_models)
 

@@ -8,6 +8,7 @@ changes a request's model midway; a replaced version is closed when its last lea
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import logging
 import threading
@@ -60,10 +61,10 @@ class ServedVersion:
     def version(self) -> int:
         return self.loaded.version
 
-    def lease(self) -> "Lease":
+    def lease(self, arm: str = "stable") -> "Lease":
         with self._lock:
             self._refs += 1
-        return Lease(self)
+        return Lease(self, arm)
 
     def _release(self) -> None:
         with self._lock:
@@ -92,8 +93,9 @@ class ServedVersion:
 class Lease:
     """Keeps a version loaded until released (use as a context manager)."""
 
-    def __init__(self, served: ServedVersion) -> None:
+    def __init__(self, served: ServedVersion, arm: str = "stable") -> None:
         self.served = served
+        self.arm = arm  # "stable" (the serving version) or "canary"
         self._released = False
 
     @property
@@ -121,6 +123,13 @@ class LoadFailure:
     retry_at: float
 
 
+def in_canary(route_key: str, percent: float) -> bool:
+    """Sticky: the same key always lands in the same arm, on every replica, for a given share;
+    raising the share only adds keys to the canary."""
+    h = int.from_bytes(hashlib.blake2b(route_key.encode(), digest_size=8).digest(), "big")
+    return h / 2**64 * 100 < percent
+
+
 class Deployment:
     """This replica's serving version, converging on the fleet's record (`serving.json`, see
     `fuseloop.repository.ServingState`). Deploy and Rollback verify, load and warm the version
@@ -145,6 +154,8 @@ class Deployment:
         self.state = ServingState.read(self.state_path)  # the record, as last read
         self.failures: dict[int, LoadFailure] = {}  # desired versions that would not load here
         self._serving: ServedVersion | None = None
+        self._canary: ServedVersion | None = None
+        self._canary_percent = 0.0
         self._deploy_lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
         self.last_error: str = ""
@@ -159,6 +170,20 @@ class Deployment:
         return self._serving
 
     @property
+    def canary(self) -> ServedVersion | None:
+        return self._canary
+
+    @property
+    def canary_status(self) -> str:
+        """This replica against the record's canary, as `desired_status` is for the serving version."""
+        wanted = self.state.canary
+        if wanted is None:
+            return ""
+        if self._canary is not None and self._canary.version == wanted:
+            return "SERVING"
+        return "NOT_SERVING" if wanted in self.failures else "LOADING"
+
+    @property
     def desired_status(self) -> str:
         """This replica against the record: SERVING (it serves the desired version), LOADING, or
         NOT_SERVING (it could not load it, see `failures`); "" when there is no record yet."""
@@ -169,7 +194,12 @@ class Deployment:
             return "SERVING"
         return "NOT_SERVING" if wanted in self.failures else "LOADING"
 
-    def acquire(self) -> Lease:
+    def acquire(self, route_key: str | None = None) -> Lease:
+        """A lease on the version this request is served by: the canary for the sticky share of
+        route keys (session id, else request id) the record gives it, else the serving version."""
+        canary = self._canary
+        if canary is not None and route_key and in_canary(route_key, self._canary_percent):
+            return canary.lease("canary")
         served = self._serving
         if served is None:
             raise NoServingVersion("no model version is loaded yet" + (f" ({self.last_error})" if self.last_error else ""))
@@ -211,18 +241,50 @@ class Deployment:
             self._watcher = None
 
     def close(self) -> None:
-        """Retires the serving version (closed once in-flight requests are done)."""
-        if self._serving is not None:
-            self._serving.retire()
-            self._serving = None
+        """Retires the serving version and the canary (closed once in-flight requests are done)."""
+        for served in (self._serving, self._canary):
+            if served is not None:
+                served.retire()
+        self._serving = self._canary = None
 
     async def deploy(self, version: int) -> ServingState:
         async with self._deploy_lock:
             return await self._decide(version, lambda s: self._or_local(s).deployed(version, self.history_limit))
 
-    async def rollback(self) -> ServingState:
+    async def start_canary(self, version: int, percent: float) -> ServingState:
+        """Puts `version` on trial for `percent` of route keys: verified, loaded and warmed here
+        first, then recorded; the other replicas load it as they converge."""
         async with self._deploy_lock:
             record = self._or_local(ServingState.read(self.state_path))
+            record.with_canary(version, percent, 0)  # refuses a bad share or the serving version up front
+            served = None
+            if self._canary is None or self._canary.version != version:
+                served = await self._load(version)
+            try:
+                state = ServingState.update(
+                    self.state_path, lambda s: self._or_local(s).with_canary(version, percent, int(time.time() * 1000)))
+            except BaseException:
+                if served is not None:
+                    served.retire()
+                raise
+            self.state = state
+            if served is not None:
+                self._set_canary(served)
+            self._canary_percent = state.canary_percent
+            self._report()
+            return state
+
+    async def rollback(self) -> ServingState:
+        """Ends a canary if there is one (the serving version keeps serving everyone); else
+        returns to the previous version."""
+        async with self._deploy_lock:
+            record = self._or_local(ServingState.read(self.state_path))
+            if record.canary is not None:
+                state = ServingState.update(self.state_path, lambda s: s.without_canary(), record.generation)
+                self.state = state
+                self._set_canary(None)
+                self._report()
+                return state
             if record.previous is None:
                 raise NothingToRollBack("there is no previous version to roll back to")
             target = record.previous
@@ -235,21 +297,55 @@ class Deployment:
         if record.serving is None:  # no record yet: keep what serves
             return
         self.state = record
-        wanted = record.serving
         self._report()
-        failure = self.failures.get(wanted)
-        if (self._serving is not None and self._serving.version == wanted) or \
-                (failure is not None and time.monotonic() < failure.retry_at):
-            return
-        async with self._deploy_lock:
-            if self._serving is not None and self._serving.version == wanted:
-                return
-            try:
-                served = await self._load(wanted)
-            except (RepositoryError, VersionNotFound, RuntimeError_, OSError) as e:
-                self._failed(wanted, e)
-                return
-            await self._swap(served)
+        if self._wants(record.serving, self._serving):
+            async with self._deploy_lock:
+                if self._wants(record.serving, self._serving):
+                    served = self._take_canary(record.serving) or await self._try_load(record.serving)
+                    if served is not None:
+                        await self._swap(served)
+        self._canary_percent = record.canary_percent
+        if record.canary is None:
+            if self._canary is not None:
+                self._set_canary(None)
+        elif self._wants(record.canary, self._canary):
+            async with self._deploy_lock:
+                if self._wants(record.canary, self._canary):
+                    served = await self._try_load(record.canary)
+                    if served is not None:
+                        self._set_canary(served)
+        self._report()
+
+    def _wants(self, version: int, have: ServedVersion | None) -> bool:
+        """`version` is not what `have` holds, and is not waiting out a failed load's backoff."""
+        if have is not None and have.version == version:
+            return False
+        failure = self.failures.get(version)
+        return failure is None or time.monotonic() >= failure.retry_at
+
+    async def _try_load(self, version: int) -> ServedVersion | None:
+        try:
+            served = await self._load(version)
+        except (RepositoryError, VersionNotFound, RuntimeError_, OSError) as e:
+            self._failed(version, e)
+            return None
+        self.failures.pop(version, None)
+        return served
+
+    def _take_canary(self, version: int) -> ServedVersion | None:
+        """A promotion reuses the canary already loaded and warm."""
+        canary = self._canary
+        if canary is None or canary.version != version:
+            return None
+        self._canary = None
+        return canary
+
+    def _set_canary(self, served: ServedVersion | None) -> None:
+        old, self._canary = self._canary, served
+        if served is not None:
+            log.info("canary version %s for %.3g%% of traffic", served.version, self._canary_percent)
+        if old is not None and old is not served:
+            old.retire()
 
     async def _watch(self) -> None:
         while True:
@@ -273,16 +369,21 @@ class Deployment:
         load never becomes the fleet's), then swap."""
         served = None
         if self._serving is None or self._serving.version != version:
-            served = await self._load(version)
+            canary = self._canary if self._canary is not None and self._canary.version == version else None
+            served = canary or await self._load(version)
         try:
             state = ServingState.update(self.state_path, change, expect_generation)
         except BaseException:
-            if served is not None:
+            if served is not None and served is not self._canary:
                 served.retire()
             raise
         self.state = state
         if served is not None:
+            if served is self._canary:
+                self._take_canary(version)
             await self._swap(served)
+        if state.canary is None and self._canary is not None:
+            self._set_canary(None)
         return state
 
     async def _load(self, version: int) -> ServedVersion:
@@ -316,6 +417,8 @@ class Deployment:
             return
         self.metrics.desired_version.set(wanted)
         self.metrics.desired_serving.labels(str(wanted)).set(1 if self.desired_status == "SERVING" else 0)
+        if self.state.canary is not None:
+            self.metrics.desired_serving.labels(str(self.state.canary)).set(int(self.canary_status == "SERVING"))
 
     async def _swap(self, served: ServedVersion) -> None:
         old = self._serving

@@ -40,6 +40,8 @@ class InferenceMetrics(MetricsRegistry):
         self.kserve_internal_errors = Counter("fuseloop_kserve_internal_errors",
                                               "KServe v2 calls answered INTERNAL (server faults, logged)", registry=r)
         self.deploys = Counter("fuseloop_inference_deploys", "Version swaps", registry=r)
+        self.responses = Counter("fuseloop_inference_responses", "Generate calls answered, by model version and "
+                                 "arm (stable, canary)", ["version", "arm"], registry=r)
         self.desired_version = Gauge("fuseloop_inference_desired_version",
                                      "The version the fleet's serving record says should serve", registry=r)
         self.desired_serving = Gauge("fuseloop_inference_desired_version_serving",
