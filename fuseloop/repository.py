@@ -239,6 +239,9 @@ class ServingState:
     def with_canary(self, version: int, percent: float, since_ms: int) -> "ServingState":
         if not 0 < percent < 100:
             raise ServingChangeRefused(f"a canary's share must be between 0 and 100 percent, got {percent:g}")
+        if self.serving is None:
+            raise ServingChangeRefused("the serving record names no serving version yet: deploy one first, "
+                                       "then put another on trial beside it")
         if version == self.serving:
             raise ServingChangeRefused(f"version {version} already serves everyone; a canary must be another version")
         if version == self.canary:

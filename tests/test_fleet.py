@@ -97,6 +97,8 @@ def test_a_deploy_or_rollback_through_one_replica_reaches_every_replica_under_lo
         rolled_back_s = converged_in(clients, "2")
         time.sleep(0.3)
     assert load.failures == []
+    print(f"fleet of 3: deploy converged in {deployed_s:.2f} s, rollback in {rolled_back_s:.2f} s, "
+          f"{sum(load.versions.values())} requests, 0 failed")
     assert deployed_s < CONVERGE_S and rolled_back_s < CONVERGE_S
     assert load.versions["1"] > 0 and load.versions["2"] > 0
     record = ServingState.read(repo / "serving.json")
@@ -181,6 +183,7 @@ def test_a_canary_takes_a_sticky_tenth_of_sessions_on_every_replica_then_promote
             arm_of.setdefault(session, set()).add(c.inference.Generate(request).model_version)
     assert all(len(v) == 1 for v in arm_of.values())  # sticky, whichever replica answers
     share = sum(v == {"1"} for v in arm_of.values()) / len(sessions)
+    print(f"canary at 10%: {share:.1%} of {len(sessions)} sessions")
     assert abs(share - 0.10) < 0.04, share
     canary_calls = sum(s.server.metrics.responses.labels("1", "canary")._value.get() for s in servers)
     assert canary_calls == 2 * sum(v == {"1"} for v in arm_of.values())

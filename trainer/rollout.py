@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import NormalDist
 
@@ -38,6 +38,7 @@ PROMOTE, ROLLBACK, WAIT = "promote", "rollback", "wait"
 
 @dataclass(frozen=True)
 class RolloutConfig:
+    canary_percent: float = 0.0  # the trainer deploys a passing candidate as a canary for this share; 0: straight
     margin: float = 0.05  # how much worse than stable (in mean score, 0..1) still counts as "not worse"
     alpha: float = 0.05  # chance of a wrong confident call, over all looks of one canary
     min_samples: int = 30  # scored responses per arm before the first look
@@ -45,7 +46,6 @@ class RolloutConfig:
     max_looks: int = 20
     max_samples: int = 5000  # per arm: undecided by then, the canary is not shown non-inferior
     poll_records: int = 1000
-    weights: SignalWeights = field(default_factory=SignalWeights)
 
 
 def response_scores(event: events_pb2.FeedbackEvent, weights: SignalWeights) -> list[tuple[str, float, float]]:
@@ -177,8 +177,9 @@ class RolloutController:
     its evidence), decides at each look and acts on the serving record."""
 
     def __init__(self, bus: EventBus, repo: ModelRepository, topics: TopicConfig = TopicConfig(),
-                 config: RolloutConfig = RolloutConfig(), report_dir: Path | None = None) -> None:
-        self.bus, self.repo, self.topics, self.config = bus, repo, topics, config
+                 config: RolloutConfig = RolloutConfig(), weights: SignalWeights = SignalWeights(),
+                 report_dir: Path | None = None) -> None:
+        self.bus, self.repo, self.topics, self.config, self.weights = bus, repo, topics, config, weights
         self.report_dir = report_dir
         self._trial: tuple[int, int] | None = None  # (canary, since_ms) being judged
         self._consumer = None
@@ -219,7 +220,7 @@ class RolloutController:
     def _begin(self, record: ServingState) -> None:
         self.close()
         self._trial = (record.canary, record.canary_since_ms)
-        self._evidence = Evidence(record, self.config.weights)
+        self._evidence = Evidence(record, self.weights)
         self._looked_at = self._looks = 0
         group = f"fuseloop-rollout-{record.canary}-{record.canary_since_ms}"
         self._consumer = self.bus.consumer(group, [self.topics.inference, self.topics.feedback])
