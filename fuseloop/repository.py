@@ -16,12 +16,15 @@ and the lineage of the data it learned from. Serving refuses a version that does
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fuseloop.errors import UserError
@@ -193,24 +196,69 @@ class ModelRepository:
         return manifest
 
 
+class ServingChangeRefused(UserError, ValueError):
+    """A change the serving record cannot take as asked (e.g. a canary of the serving version)."""
+
+
+class ServingConflict(UserError):
+    """The serving record changed between reading it and writing it (another replica or the
+    trainer deployed meanwhile): read it again and retry."""
+
+
 @dataclass
 class ServingState:
-    """Which version serves, the one before it (for rollback) and the deploy history. The
-    inference service writes it on every deploy; the trainer and `models list` read it."""
+    """The fleet's desired state: which version serves, the one before it (for rollback) and the
+    deploy history. One record, `serving.json` in the shared repository: every inference replica
+    watches it and converges on it; admin Deploy/Rollback, `fuseloop models --repo` and the trainer
+    change it (`update`), never one replica alone. `generation` grows by one on every change, so
+    a reader can tell a new decision from the one it already acted on."""
 
     serving: int | None = None
     previous: int | None = None
     history: list[int] = field(default_factory=list)
+    generation: int = 0
+    canary: int | None = None  # a version on trial beside `serving`, for a sticky share of traffic
+    canary_percent: float = 0.0
+    canary_since_ms: int = 0  # when the trial began: its evidence is what was served since
 
     def to_json(self) -> str:
-        return json.dumps({"serving": self.serving, "previous": self.previous, "history": self.history}, indent=2)
+        return json.dumps({"serving": self.serving, "previous": self.previous, "history": self.history,
+                           "generation": self.generation, "canary": self.canary,
+                           "canary_percent": self.canary_percent, "canary_since_ms": self.canary_since_ms}, indent=2)
+
+    def deployed(self, version: int, history_limit: int = 50) -> "ServingState":
+        """The record after `version` is made to serve to everyone (the serving one becomes
+        `previous`). A canary ends: promoted when it is `version`, replaced otherwise."""
+        if version == self.serving and self.canary is None:
+            return self
+        if version == self.serving:
+            return self.without_canary()
+        return ServingState(serving=version, previous=self.serving,
+                            history=(self.history + [version])[-history_limit:], generation=self.generation)
+
+    def with_canary(self, version: int, percent: float, since_ms: int) -> "ServingState":
+        if not 0 < percent < 100:
+            raise ServingChangeRefused(f"a canary's share must be between 0 and 100 percent, got {percent:g}")
+        if self.serving is None:
+            raise ServingChangeRefused("the serving record names no serving version yet: deploy one first, "
+                                       "then put another on trial beside it")
+        if version == self.serving:
+            raise ServingChangeRefused(f"version {version} already serves everyone; a canary must be another version")
+        if version == self.canary:
+            return replace(self, canary_percent=float(percent))
+        return replace(self, canary=version, canary_percent=float(percent), canary_since_ms=since_ms)
+
+    def without_canary(self) -> "ServingState":
+        return replace(self, canary=None, canary_percent=0.0, canary_since_ms=0)
 
     @classmethod
     def read(cls, path: Path) -> "ServingState":
         """An absent or unreadable file reads as 'nothing deployed yet'."""
         try:
             d = json.loads(Path(path).read_text())
-            return cls(d.get("serving"), d.get("previous"), [int(v) for v in d.get("history", [])])
+            return cls(d.get("serving"), d.get("previous"), [int(v) for v in d.get("history", [])],
+                       int(d.get("generation", 0)), d.get("canary"), float(d.get("canary_percent", 0.0)),
+                       int(d.get("canary_since_ms", 0)))
         except FileNotFoundError:
             return cls()
         except (ValueError, TypeError, AttributeError) as e:
@@ -218,11 +266,37 @@ class ServingState:
             return cls()
 
     def write(self, path: Path) -> None:
-        """Atomic replace, so a crash never leaves a half-written state file."""
+        """Atomic replace, so a crash never leaves a half-written state file, and a watcher never
+        reads one."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "w") as f:
             f.write(self.to_json())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    @classmethod
+    def update(cls, path: Path, change: Callable[["ServingState"], "ServingState"],
+               expect_generation: int | None = None) -> "ServingState":
+        """Read-change-write under an exclusive lock (`flock` on `serving.json.lock`: it excludes
+        other open files, so threads as well as processes; Linux's NFS client maps it to a lock the
+        server enforces), so concurrent deploys through different replicas serialize instead of
+        losing one. `expect_generation`: refuse (ServingConflict) if
+        the record moved on since the caller read it."""
+        path = Path(path)
+        with open(path.with_name(path.name + ".lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = cls.read(path)
+                if expect_generation is not None and current.generation != expect_generation:
+                    raise ServingConflict(f"the serving record changed meanwhile (generation {current.generation}, "
+                                          f"expected {expect_generation}): serving {current.serving}; try again")
+                new = change(current)
+                if new == current:
+                    return current
+                new = replace(new, generation=current.generation + 1)
+                new.write(path)
+                return new
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)

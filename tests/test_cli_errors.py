@@ -4,6 +4,7 @@ traceback. Run as subprocesses against a live inference server."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -67,9 +68,18 @@ def test_an_unreachable_server_is_named(server):
     assert f"cannot reach {target}" in line
 
 
-def test_a_deploy_without_a_version_number_or_server(server):
+def test_a_deploy_without_a_version_number_or_server(server, tmp_path, shared_repo_dir):
     assert "version number" in one_line_error(fuseloop("models", "deploy", "--server", server, token=TOKEN))
-    assert "needs --server" in one_line_error(fuseloop("models", "rollback", token=TOKEN))
+    assert "needs --repo REPO_DIR" in one_line_error(fuseloop("models", "rollback", token=TOKEN))
+    repo = str(tmp_path / "repo")
+    shutil.copytree(shared_repo_dir, repo)
+    assert "not in the repository" in one_line_error(fuseloop("models", "deploy", "9", "--repo", repo))
+    assert "between 0 and 100" in one_line_error(fuseloop("models", "deploy", "1", "--canary", "250", "--repo", repo))
+    assert "deploy one first" in one_line_error(fuseloop("models", "deploy", "1", "--canary", "10", "--repo", repo))
+    assert fuseloop("models", "deploy", "2", "--repo", repo).returncode == 0
+    assert "already serves everyone" in one_line_error(fuseloop("models", "deploy", "2", "--canary", "10",
+                                                                "--repo", repo))
+    assert "no previous version" in one_line_error(fuseloop("models", "rollback", "--repo", repo))
 
 
 def test_train_with_bad_inputs(tmp_path, shared_repo_dir):

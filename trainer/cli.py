@@ -1,4 +1,4 @@
-"""Trainer commands: `train`, `models list|deploy|rollback`, `bench train`."""
+"""Trainer commands: `train`, `rollout watch`, `models list|deploy|rollback`, `bench train`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def train_config(args: argparse.Namespace):
     values = load_toml(Path(args.config)) if args.config else {}
     if args.workdir is not None:
         values["workdir"] = args.workdir
-    flags = {"reward.steps": args.rm_steps, "policy.steps": args.pg_steps, "ingest.poll_records": args.ingest_batch}
+    flags = {"reward.steps": getattr(args, "rm_steps", None), "policy.steps": getattr(args, "pg_steps", None),
+             "ingest.poll_records": getattr(args, "ingest_batch", None)}
     values = apply_overrides(values, [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set))
     return build(TrainConfig, values, base=TrainConfig(workdir=Path(DEFAULT_WORKDIR)))
 
@@ -32,6 +33,7 @@ def _train(args: argparse.Namespace) -> int:
     from fuseloop.config_file import to_toml
     from fuseloop.repository import ModelRepository
     from trainer.deploy import make_deployer
+    from trainer.rollout import RolloutController
     from trainer.round import Trainer
     from trainer.schedule import Schedule, StopSignals, parse_duration, pending_feedback, run_scheduled
 
@@ -52,8 +54,11 @@ def _train(args: argparse.Namespace) -> int:
         bus = open_bus(args.bus, client_id="fuseloop-trainer")
     except ValueError as e:  # a malformed bus URL
         raise UserError(str(e)) from None
-    trainer = Trainer(config, bus, ModelRepository(Path(args.repo)), topics,
-                      deployer=make_deployer(args.deploy_to, args.admin_token))
+    repo = ModelRepository(Path(args.repo))
+    trainer = Trainer(config, bus, repo, topics, deployer=make_deployer(args.deploy_to, args.admin_token, repo))
+    # Scheduled, the trainer also judges its canaries between rounds (as `fuseloop rollout watch` does).
+    judge = RolloutController(bus, repo, topics, config.rollout, config.weights, report_dir=config.workdir) \
+        if scheduled else None
     metrics, registry = _trainer_metrics(args.metrics_port)
     try:
         with StopSignals() as signals:
@@ -61,12 +66,53 @@ def _train(args: argparse.Namespace) -> int:
                 print(f"trainer waiting for rounds ({_describe(schedule)})", file=sys.stderr, flush=True)
             run_scheduled(trainer.run_round, lambda: pending_feedback(trainer.ingestor.consumer(), topics.feedback),
                           schedule, signals, metrics,
-                          on_report=lambda r: print(json.dumps(r, indent=2, default=str), flush=True))
+                          on_report=lambda r: print(json.dumps(r, indent=2, default=str), flush=True),
+                          tick=(lambda: _print_decision(judge.step())) if judge else (lambda: None))
     finally:
+        if judge is not None:
+            judge.close()
         trainer.close()
         bus.close()
         if registry is not None:
             registry.stop_http()
+    return 0
+
+
+def _print_decision(decision) -> None:
+    if decision is not None and decision.action != "wait":
+        print(json.dumps({"rollout": decision.to_dict()}, indent=2), flush=True)
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    from fuseloop.bus import TopicConfig
+    from fuseloop.bus.url import open_bus
+    from fuseloop.repository import ModelRepository
+    from trainer.rollout import RolloutController
+    from trainer.schedule import StopSignals, parse_duration
+
+    config = train_config(args)
+    if not Path(args.repo).is_dir():
+        raise UserError(f"the model repository {args.repo} does not exist")
+    interval = parse_duration(args.interval)
+    try:
+        bus = open_bus(args.bus, client_id="fuseloop-rollout")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    topics = TopicConfig(args.inference_topic, args.feedback_topic, args.dead_letter_topic)
+    judge = RolloutController(bus, ModelRepository(Path(args.repo)), topics, config.rollout, config.weights,
+                              report_dir=config.workdir)
+    try:
+        with StopSignals() as signals:
+            while not signals.stop.is_set():
+                decision = judge.step()
+                if decision is not None:
+                    print(json.dumps(decision.to_dict()), flush=True)
+                    if args.once and decision.action != "wait":
+                        return 0
+                signals.stop.wait(interval)
+    finally:
+        judge.close()
+        bus.close()
     return 0
 
 
@@ -91,7 +137,7 @@ def _describe(schedule) -> str:
 
 def _models(args: argparse.Namespace) -> int:
     from fuseloop.repository import ModelRepository
-    from trainer.deploy import AdminDeployer
+    from trainer.deploy import AdminDeployer, RecordDeployer
 
     if args.action == "list":
         if args.server:
@@ -108,12 +154,21 @@ def _models(args: argparse.Namespace) -> int:
             key = {k: m.metrics[k] for k in ("gold_accuracy_greedy", "round", "kl") if k in m.metrics}
             print(f"{'*' if v == serving else ' '} {v:>7}  {m.parent_version or '-':>6}  {m.created_at:25}  {json.dumps(key)}")
         return 0
-    if not args.server:
-        raise UserError(f"models {args.action} needs --server HOST:PORT (the inference service)")
+    if not (args.server or args.repo):
+        raise UserError(f"models {args.action} needs --repo REPO_DIR (the fleet's serving record) "
+                        "or --server HOST:PORT (an inference replica)")
     if args.action == "deploy" and not (args.version or "").isdigit():
         raise UserError(f"models deploy needs a version number, e.g. `fuseloop models deploy 7`, got {args.version!r}")
-    deployer = AdminDeployer(args.server, args.admin_token)
-    print(deployer.deploy(int(args.version)) if args.action == "deploy" else deployer.rollback())
+    deployer = (AdminDeployer(args.server, args.admin_token) if args.server
+                else RecordDeployer(ModelRepository(Path(args.repo))))
+    if args.action == "rollback":
+        print(deployer.rollback())
+    elif args.canary is not None:
+        if not 0 < args.canary < 100:
+            raise UserError(f"--canary is a share of traffic between 0 and 100 percent, got {args.canary:g}")
+        print(deployer.canary(int(args.version), args.canary))
+    else:
+        print(deployer.deploy(int(args.version)))
     return 0
 
 
@@ -128,7 +183,9 @@ def add_parsers(sub: argparse._SubParsersAction, bench: argparse._SubParsersActi
     p = sub.add_parser("train", help="consume feedback, retrain, gate, publish and redeploy")
     p.add_argument("--repo", required=True, help="model repository (Triton layout)")
     p.add_argument("--bus", required=True, help="kafka://HOST:PORT?api_version=0.9 or sqlite:///PATH.db")
-    p.add_argument("--deploy-to", help="inference service HOST:PORT (admin Deploy) or triton://HOST:PORT")
+    p.add_argument("--deploy-to", help="default: the repository's serving record, which every replica follows; "
+                                       "or an inference service HOST:PORT (admin Deploy), triton://HOST:PORT, "
+                                       "or `none` (publish only)")
     p.add_argument("--admin-token", default=token, help="admin token (default: $FUSELOOP_ADMIN_TOKEN)")
     p.add_argument("--workdir", default=None, help=f"the trainer's dataset store, reports, plots (default {DEFAULT_WORKDIR})")
     p.add_argument("--rounds", type=int, default=None, help="rounds to run (default 1; scheduled: until a signal)")
@@ -147,11 +204,27 @@ def add_parsers(sub: argparse._SubParsersAction, bench: argparse._SubParsersActi
     p.add_argument("--ingest-batch", type=int, help="records per poll (and per durable store transaction)")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("rollout", help="judge canaries from live feedback: promote or roll back")
+    p.add_argument("action", choices=("watch",))
+    p.add_argument("--repo", required=True, help="model repository whose serving record holds the canary")
+    p.add_argument("--bus", required=True, help="kafka://HOST:PORT?api_version=0.9 or sqlite:///PATH.db")
+    p.add_argument("--interval", default="5s", help="how often to read new events and look (default 5s)")
+    p.add_argument("--once", action="store_true", help="stop after the first promote or rollback")
+    p.add_argument("--workdir", default=None, help=f"where rollout-decisions.jsonl goes (default {DEFAULT_WORKDIR})")
+    p.add_argument("--config", help="TOML file with a [rollout] table (margin, alpha, min_samples, ...)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="e.g. rollout.margin=0.02")
+    p.add_argument("--inference-topic", default="fuseloop.inference")
+    p.add_argument("--feedback-topic", default="fuseloop.feedback")
+    p.add_argument("--dead-letter-topic", default="fuseloop.dead-letter")
+    p.set_defaults(func=_rollout)
+
     p = sub.add_parser("models", help="list, deploy and roll back model versions")
     p.add_argument("action", choices=("list", "deploy", "rollback"))
     p.add_argument("version", nargs="?", help="the version, for deploy")
-    p.add_argument("--repo", help="model repository, for list")
+    p.add_argument("--repo", help="model repository: list it, or deploy/roll back by changing its serving record")
     p.add_argument("--server", help="inference service HOST:PORT")
+    p.add_argument("--canary", type=float, metavar="PERCENT",
+                   help="deploy: put the version on trial for this sticky share of traffic (rollback ends it)")
     p.add_argument("--admin-token", default=token, help="admin token (default: $FUSELOOP_ADMIN_TOKEN)")
     p.set_defaults(func=_models)
 

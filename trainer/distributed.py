@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     try:
         check_copartitioned(bus, group.world_size)
-        deployer = make_deployer(args.deploy_to, args.admin_token) if group.is_leader else None
-        trainer = Trainer(config, bus, ModelRepository(Path(args.repo)), deployer=deployer, group=group)
+        repo = ModelRepository(Path(args.repo))
+        deployer = make_deployer(args.deploy_to, args.admin_token, repo) if group.is_leader else None
+        trainer = Trainer(config, bus, repo, deployer=deployer, group=group)
         group.keepalive = lambda: trainer.ingestor.consumer().position()
         for _ in range(args.rounds):
             # Join (or rejoin, after a long round) the group before anyone polls, so the first

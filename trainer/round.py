@@ -18,6 +18,7 @@ from fuseloop.events import dead_letter
 from fuseloop.repository import ModelRepository, RepositoryError
 from trainer.batches import ContextTensors
 from trainer.deploy import Deployer
+from trainer.rollout import RolloutConfig
 from trainer.export import publish
 from trainer.gate import GateConfig, GoldCheck, run_gate
 from trainer.ingest import IngestConfig, Ingestor
@@ -36,6 +37,7 @@ class TrainConfig:
     reward: RewardTrainConfig = field(default_factory=RewardTrainConfig)
     policy: PolicyGradientConfig = field(default_factory=PolicyGradientConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     prompt_window_rounds: int = 3  # policy-gradient prompts come from this many recent rounds
     max_prompts: int = 4000
     heldout_share: float = 0.15
@@ -184,8 +186,12 @@ class Trainer:
         report["version"] = manifest.version
         timings["export"], t = round(time.perf_counter() - t, 1), time.perf_counter()
         if self.deployer is not None:
-            report["deploy"] = self.deployer.deploy(manifest.version)
+            percent = self.config.rollout.canary_percent
+            # A canary serves a share of live traffic until the rollout controller promotes or ends it.
+            report["deploy"] = (self.deployer.canary(manifest.version, percent) if percent
+                                else self.deployer.deploy(manifest.version))
             report["deployed"] = True
+            report["canary"] = bool(percent)
             timings["deploy"] = round(time.perf_counter() - t, 1)
         return self._finish(round_, report, t0)
 

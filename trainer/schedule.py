@@ -122,10 +122,13 @@ class StopSignals:
 
 def run_scheduled(run_round: Callable[[], dict], pending: Callable[[], int], schedule: Schedule,
                   signals: StopSignals, metrics: TrainerMetrics | None = None,
-                  on_report: Callable[[dict], None] = lambda r: None, clock=time.monotonic) -> int:
-    """Runs rounds as the schedule says until a stop signal (or max_rounds); returns rounds run."""
+                  on_report: Callable[[dict], None] = lambda r: None, clock=time.monotonic,
+                  tick: Callable[[], None] = lambda: None) -> int:
+    """Runs rounds as the schedule says until a stop signal (or max_rounds); returns rounds run.
+    `tick` runs at every check between rounds (the rollout controller judging a canary)."""
     done, last = 0, clock()
     while not signals.stop.is_set() and (schedule.max_rounds is None or done < schedule.max_rounds):
+        tick()
         waiting = pending()
         if metrics is not None:
             metrics.pending.set(waiting)

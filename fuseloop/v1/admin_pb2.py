@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66useloop/v1/admin.proto\x12\x0b\x66useloop.v1\"v\n\x10ModelVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0eparent_version\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12\x0f\n\x07serving\x18\x04 \x01(\x08\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"E\n\x12ListModelsResponse\x12/\n\x08versions\x18\x01 \x03(\x0b\x32\x1d.fuseloop.v1.ModelVersionInfo\" \n\rDeployRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x11\n\x0fRollbackRequest\"C\n\x0e\x44\x65ployResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"t\n\x0eStatusResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0f\n\x07history\x18\x05 \x03(\t2\xaa\x02\n\x0c\x41\x64minService\x12M\n\nListModels\x12\x1e.fuseloop.v1.ListModelsRequest\x1a\x1f.fuseloop.v1.ListModelsResponse\x12\x41\n\x06\x44\x65ploy\x12\x1a.fuseloop.v1.DeployRequest\x1a\x1b.fuseloop.v1.DeployResponse\x12\x45\n\x08Rollback\x12\x1c.fuseloop.v1.RollbackRequest\x1a\x1b.fuseloop.v1.DeployResponse\x12\x41\n\x06Status\x12\x1a.fuseloop.v1.StatusRequest\x1a\x1b.fuseloop.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66useloop/v1/admin.proto\x12\x0b\x66useloop.v1\"v\n\x10ModelVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0eparent_version\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12\x0f\n\x07serving\x18\x04 \x01(\x08\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"E\n\x12ListModelsResponse\x12/\n\x08versions\x18\x01 \x03(\x0b\x32\x1d.fuseloop.v1.ModelVersionInfo\"8\n\rDeployRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x02 \x01(\x01\"\x11\n\x0fRollbackRequest\"o\n\x0e\x44\x65ployResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x04 \x01(\t\"\x0f\n\rStatusRequest\"\x9f\x02\n\x0eStatusResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0f\n\x07history\x18\x05 \x03(\t\x12\x17\n\x0f\x64\x65sired_version\x18\x06 \x01(\t\x12\x1a\n\x12\x64\x65sired_generation\x18\x07 \x01(\x03\x12\x16\n\x0e\x64\x65sired_status\x18\x08 \x01(\t\x12\x15\n\rdesired_error\x18\t \x01(\t\x12\x16\n\x0e\x63\x61nary_version\x18\n \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x0b \x01(\x01\x12\x15\n\rcanary_status\x18\x0c \x01(\t2\xaa\x02\n\x0c\x41\x64minService\x12M\n\nListModels\x12\x1e.fuseloop.v1.ListModelsRequest\x1a\x1f.fuseloop.v1.ListModelsResponse\x12\x41\n\x06\x44\x65ploy\x12\x1a.fuseloop.v1.DeployRequest\x1a\x1b.fuseloop.v1.DeployResponse\x12\x45\n\x08Rollback\x12\x1c.fuseloop.v1.RollbackRequest\x1a\x1b.fuseloop.v1.DeployResponse\x12\x41\n\x06Status\x12\x1a.fuseloop.v1.StatusRequest\x1a\x1b.fuseloop.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=181
   _globals['_LISTMODELSRESPONSE']._serialized_end=250
   _globals['_DEPLOYREQUEST']._serialized_start=252
-  _globals['_DEPLOYREQUEST']._serialized_end=284
-  _globals['_ROLLBACKREQUEST']._serialized_start=286
-  _globals['_ROLLBACKREQUEST']._serialized_end=303
-  _globals['_DEPLOYRESPONSE']._serialized_start=305
-  _globals['_DEPLOYRESPONSE']._serialized_end=372
-  _globals['_STATUSREQUEST']._serialized_start=374
-  _globals['_STATUSREQUEST']._serialized_end=389
-  _globals['_STATUSRESPONSE']._serialized_start=391
-  _globals['_STATUSRESPONSE']._serialized_end=507
-  _globals['_ADMINSERVICE']._serialized_start=510
-  _globals['_ADMINSERVICE']._serialized_end=808
+  _globals['_DEPLOYREQUEST']._serialized_end=308
+  _globals['_ROLLBACKREQUEST']._serialized_start=310
+  _globals['_ROLLBACKREQUEST']._serialized_end=327
+  _globals['_DEPLOYRESPONSE']._serialized_start=329
+  _globals['_DEPLOYRESPONSE']._serialized_end=440
+  _globals['_STATUSREQUEST']._serialized_start=442
+  _globals['_STATUSREQUEST']._serialized_end=457
+  _globals['_STATUSRESPONSE']._serialized_start=460
+  _globals['_STATUSRESPONSE']._serialized_end=747
+  _globals['_ADMINSERVICE']._serialized_start=750
+  _globals['_ADMINSERVICE']._serialized_end=1048
 # @@protoc_insertion_point(module_scope)

@@ -130,7 +130,7 @@ class SampledResponse(_message.Message):
     def __init__(self, response_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., reward: _Optional[float] = ..., display_position: _Optional[int] = ...) -> None: ...
 
 class InferenceEvent(_message.Message):
-    __slots__ = ("schema_version", "event_id", "request_id", "model_version", "prompt", "image", "image_sha256", "responses", "sampling", "timestamp_ms", "app_id", "session_id")
+    __slots__ = ("schema_version", "event_id", "request_id", "model_version", "prompt", "image", "image_sha256", "responses", "sampling", "timestamp_ms", "app_id", "session_id", "arm")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class InferenceEvent(_message.Message):
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     APP_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     event_id: str
     request_id: str
@@ -155,7 +156,8 @@ class InferenceEvent(_message.Message):
     timestamp_ms: int
     app_id: str
     session_id: str
-    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model_version: _Optional[str] = ..., prompt: _Optional[str] = ..., image: _Optional[bytes] = ..., image_sha256: _Optional[str] = ..., responses: _Optional[_Iterable[_Union[SampledResponse, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., app_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    arm: str
+    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model_version: _Optional[str] = ..., prompt: _Optional[str] = ..., image: _Optional[bytes] = ..., image_sha256: _Optional[str] = ..., responses: _Optional[_Iterable[_Union[SampledResponse, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., app_id: _Optional[str] = ..., session_id: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
     __slots__ = ("payload", "source_topic", "reason", "timestamp_ms", "event_id")

@@ -9,7 +9,7 @@ import logging
 
 import grpc
 
-from fuseloop.repository import RepositoryError
+from fuseloop.repository import RepositoryError, ServingConflict
 from fuseloop.v1 import admin_pb2, admin_pb2_grpc
 from services.inference.deployment import Deployment, NothingToRollBack, VersionNotFound
 
@@ -67,8 +67,13 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         await self.auth.check(context)
         try:
             version = parse_version(request.version)
+            percent = request.canary_percent
+            if not (percent == 0 or 0 < percent < 100):  # NaN fails both
+                raise ValueError(f"canary_percent must be 0 (everyone) or between 0 and 100, got {percent:g}")
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if percent:
+            return await self._swap(context, lambda: self.deployment.start_canary(version, percent))
         return await self._swap(context, lambda: self.deployment.deploy(version))
 
     async def Rollback(self, request, context) -> admin_pb2.DeployResponse:
@@ -77,19 +82,27 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
 
     async def Status(self, request, context) -> admin_pb2.StatusResponse:
         await self.auth.check(context)
-        state = self.deployment.state
-        serving = self.deployment.serving
+        d = self.deployment
+        state, serving = d.state, d.serving
+        failure = d.failures.get(state.serving) if state.serving is not None else None
         return admin_pb2.StatusResponse(
             serving_version="" if serving is None else str(serving.version),
             previous_version="" if state.previous is None else str(state.previous),
-            runtime=self.runtime_name, ready=serving is not None, history=[str(v) for v in state.history])
+            runtime=self.runtime_name, ready=serving is not None, history=[str(v) for v in state.history],
+            desired_version="" if state.serving is None else str(state.serving),
+            desired_generation=state.generation, desired_status=d.desired_status,
+            desired_error=failure.error if failure else "",
+            canary_version="" if state.canary is None else str(state.canary), canary_percent=state.canary_percent,
+            canary_status=d.canary_status)
 
     async def _swap(self, context, action) -> admin_pb2.DeployResponse:
         try:
             state = await action()
         except VersionNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        except (RepositoryError, NothingToRollBack) as e:
+        except ValueError as e:  # e.g. a canary of the version that already serves everyone
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (RepositoryError, NothingToRollBack, ServingConflict) as e:
             # The artifact failed verification (checksum, signature) or there is nowhere to go:
             # the serving version keeps serving.
             log.warning("deploy refused: %s", e)
@@ -98,4 +111,6 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             log.exception("deploy failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"deploy failed: {e}")
         return admin_pb2.DeployResponse(serving_version=str(state.serving),
-                                        previous_version="" if state.previous is None else str(state.previous))
+                                        previous_version="" if state.previous is None else str(state.previous),
+                                        generation=state.generation,
+                                        canary_version="" if state.canary is None else str(state.canary))

@@ -48,6 +48,7 @@ class InferenceServiceConfig:
 
     engine_restarts: int = 3  # new generation engine processes after one dies, in the server's life
     shutdown_grace_s: float = 5.0
+    serving_record_watch_s: float = 0.5  # how often a replica looks at the fleet's serving record
     worker_threads: int = 4  # preprocessing of large images, model loads, KServe inference, bus writes
 
     def __post_init__(self) -> None:

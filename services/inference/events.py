@@ -38,13 +38,13 @@ class ResponseRecord:
 
 def build_event(*, request_id: str, model_version: int, prompt: str, image: bytes, image_max_bytes: int,
                 responses: list[ResponseRecord], sampling: events_pb2.SamplingParams, timestamp_ms: int,
-                session_id: str) -> events_pb2.InferenceEvent:
+                session_id: str, arm: str = "stable") -> events_pb2.InferenceEvent:
     event = events_pb2.InferenceEvent(
         schema_version=EVENT_SCHEMA_VERSION, event_id=new_id(), request_id=request_id,
         model_version=str(model_version), prompt=prompt,
         image=image if len(image) <= image_max_bytes else b"",
         image_sha256=hashlib.sha256(image).hexdigest(), sampling=sampling, timestamp_ms=timestamp_ms,
-        session_id=session_id,
+        session_id=session_id, arm=arm,
     )
     for r in responses:
         msg = event.responses.add(response_id=r.response_id, text=r.text, token_ids=r.token_ids,

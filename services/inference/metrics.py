@@ -43,6 +43,13 @@ class InferenceMetrics(MetricsRegistry):
         self.kserve_batch_size = Histogram("fuseloop_kserve_batch_size", "Rows per KServe ModelInfer model call, by model",
                                            ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.deploys = Counter("fuseloop_inference_deploys", "Version swaps", registry=r)
+        self.responses = Counter("fuseloop_inference_responses", "Generate calls answered, by model version and "
+                                 "arm (stable, canary)", ["version", "arm"], registry=r)
+        self.desired_version = Gauge("fuseloop_inference_desired_version",
+                                     "The version the fleet's serving record says should serve", registry=r)
+        self.desired_serving = Gauge("fuseloop_inference_desired_version_serving",
+                                     "1: this replica serves the desired version; 0: not yet, or it could not "
+                                     "load it (it keeps serving what it has and retries)", ["version"], registry=r)
         # Children the worker threads update on every step, looked up once.
         self.encode_batch, self.decode_batch, self.score_batch = (self.batch_size.labels(k) for k in ("encode", "decode", "score"))
         self.generate_queue_time, self.score_queue_time = (self.queue_time.labels(k) for k in ("generate", "score"))

@@ -95,7 +95,8 @@ class InferenceServer:
                                     on_restart=self._engine_restarted, max_restarts=c.engine_restarts)
         self._started.append(self.engine.stop)
         await self.engine.start()
-        self.deployment = Deployment(self.repo, self.runtime, self.executor, self.state_path, mirrors=[self.engine])
+        self.deployment = Deployment(self.repo, self.runtime, self.executor, self.state_path, mirrors=[self.engine],
+                                     watch_interval_s=c.serving_record_watch_s, metrics=self.metrics)
         self._started.append(self.deployment.close)
         self.kserve_models = KServeModels(self.deployment, self.executor)
         self._started.append(self.kserve_models.close)
@@ -153,6 +154,8 @@ class InferenceServer:
         the workers (engine and scorer finish what they hold; queued events are written)."""
         if self._initial_load is not None and not self._initial_load.done():
             self._initial_load.cancel()
+        if getattr(self, "deployment", None) is not None:
+            await self.deployment.stop_watching()
         if self._server is not None:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             await self._server.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)

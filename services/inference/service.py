@@ -24,7 +24,7 @@ from fuseloop.preprocessing import InvalidInput, image_pixels
 from fuseloop.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.config import InferenceServiceConfig
 from services.inference.batching import Batcher
-from services.inference.deployment import Deployment, NoServingVersion
+from services.inference.deployment import Deployment, Lease, NoServingVersion
 from services.inference.engine import GeneratedSequence, GenerationJob, SequenceSpec
 from services.inference.engine_process import EngineProcess
 from services.inference.events import EventPublisher, ResponseRecord, build_event
@@ -101,8 +101,10 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> inference_pb2.GenerateResponse:
         async with ObservedRpc(self.metrics, "Generate") as call:
+            request_id = new_id()
             try:
-                with self.engine.queue.arriving() as arrival, self.deployment.acquire() as lease:
+                with self.engine.queue.arriving() as arrival, \
+                        self.deployment.acquire(request.session_id or request_id) as lease:
                     loaded = lease.loaded
                     params = generate_params(request, self.config, self._max_tokens(loaded))
                     pixels, prompt_ids = await self._inputs(loaded, request.image, request.prompt,
@@ -118,7 +120,6 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             except KNOWN_ERRORS as e:
                 await abort_for(context, call, e)
             shown = self._display_order(chosen)
-            request_id = new_id()
             records = [ResponseRecord(new_id(), texts[i], s.token_ids, s.logprobs,
                                       None if rewards is None else float(rewards[i]),
                                       shown.index(i) if i in shown else -1)
@@ -130,20 +131,21 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                                             num_tokens=len(r.token_ids))
                 if r.reward is not None:
                     c.reward = r.reward
-            self._log_event(request, request_id, loaded, records, params)
+            self._log_event(request, request_id, lease, records, params)
             return response
 
     async def GenerateStream(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         async with ObservedRpc(self.metrics, "GenerateStream") as call:
+            request_id = new_id()
             try:
-                with self.engine.queue.arriving() as arrival, self.deployment.acquire() as lease:
+                with self.engine.queue.arriving() as arrival, \
+                        self.deployment.acquire(request.session_id or request_id) as lease:
                     loaded = lease.loaded
                     params = generate_params(request, self.config, self._max_tokens(loaded))
                     if params.rerank:
                         raise InvalidInput("best_of reranks finished candidates, so it cannot stream; use Generate")
                     pixels, prompt_ids = await self._inputs(loaded, request.image, request.prompt, for_engine=True)
-                    request_id = new_id()
                     n = params.num_sequences
                     shown = self._display_order(list(range(n)))
                     position = {c: p for p, c in enumerate(shown)}
@@ -172,7 +174,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                 await abort_for(context, call, e)
             records = [ResponseRecord(response_ids[i], texts[i], s.token_ids, s.logprobs, None, position[i])
                        for i, s in enumerate(job.sequences)]
-            self._log_event(request, request_id, loaded, records, params)
+            self._log_event(request, request_id, lease, records, params)
 
     async def Score(self, request: inference_pb2.ScoreRequest, context: grpc.aio.ServicerContext
                     ) -> inference_pb2.ScoreResponse:
@@ -262,10 +264,12 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             self.shuffle.shuffle(shown)
         return shown
 
-    def _log_event(self, request: inference_pb2.GenerateRequest, request_id: str, loaded: LoadedVersion,
+    def _log_event(self, request: inference_pb2.GenerateRequest, request_id: str, lease: Lease,
                    records: list[ResponseRecord], params: GenerateParams) -> None:
         timestamp_ms = self.wall_ms()
+        version = lease.loaded.version
+        self.metrics.responses.labels(str(version), lease.arm).inc()
         self.events.publish(request.session_id or request_id, lambda: build_event(
-            request_id=request_id, model_version=loaded.version, prompt=request.prompt, image=request.image,
+            request_id=request_id, model_version=version, prompt=request.prompt, image=request.image,
             image_max_bytes=self.config.event_image_max_bytes, responses=records, sampling=params.sampling_proto(),
-            timestamp_ms=timestamp_ms, session_id=request.session_id))
+            timestamp_ms=timestamp_ms, session_id=request.session_id, arm=lease.arm))
