@@ -102,7 +102,7 @@ def test_serve_with_bad_flags(tmp_path, shared_repo_dir):
 
 
 def test_train_against_an_unreachable_broker_names_it(tmp_path, shared_repo_dir):
-    bus = f"kafka://127.0.0.1:{free_port()}?api_version=0.9"
+    bus = f"kafka://127.0.0.1:{free_port()}?api_version=0.9&connect_timeout_s=2"
     line = one_line_error(fuseloop("train", "--repo", str(shared_repo_dir), "--bus", bus, "--rounds", "1",
                                    "--workdir", str(tmp_path / "work")))
     assert "cannot reach Kafka at 127.0.0.1:" in line
