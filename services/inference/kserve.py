@@ -21,7 +21,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
-from fuseloop.repository import DECODER, ENCODER, MODELS, REWARD, RepositoryError
+from fuseloop.repository import MODELS, RepositoryError
 from services.inference.admin import AdminAuth
 from services.inference.deployment import Deployment, Lease, ServedVersion
 from services.inference.kserve_inputs import KServeError, check_graph_inputs, decode_input, invalid, parse_version
@@ -36,14 +36,12 @@ except ImportError:  # pragma: no cover - a runtime without onnxruntime
 log = logging.getLogger(__name__)
 
 PLATFORM = "onnxruntime_onnx"
-# The LoadedVersion call behind each model; its parameters are named like the graph's inputs.
-CALLS = {ENCODER: "encode", DECODER: "decode_step", REWARD: "score"}
+
+
 def run_model(loaded: LoadedVersion, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One graph of a loaded version, by tensor names (the manifest's signature)."""
-    result = getattr(loaded, CALLS[model])(**inputs)
-    outputs = result if isinstance(result, tuple) else (result,)
     names = [t.name for t in loaded.manifest.io(model, "outputs")]
-    return dict(zip(names, outputs))
+    return dict(zip(names, loaded.run(model, inputs)))
 
 
 def read_model_config(path) -> model_config_pb2.ModelConfig:
