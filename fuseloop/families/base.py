@@ -141,7 +141,9 @@ class Stepper(ABC):
     @abstractmethod
     def prefill(self, pixel_values: np.ndarray, prompt_ids: np.ndarray, prompt_mask: np.ndarray) -> DecodeState:
         """pixel_values (B, 3, H, W) float32, prompt_ids and prompt_mask (B, S) int64 (right-padded)
-        -> one row per prompt, ready for its first `step`."""
+        -> one row per prompt, ready for its first `step`. Its `tokens` are what the first step
+        feeds: BOS for an encoder-decoder family; a decoder-only family may prefill all but each
+        prompt's last token and feed that one, so every step yields the next response token."""
 
     @abstractmethod
     def step(self, state: DecodeState) -> np.ndarray:

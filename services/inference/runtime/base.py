@@ -40,6 +40,16 @@ class LoadedVersion(ABC):
         """-> rewards (B,) float32."""
         return self.stepper.score(pixel_values, prompt_ids, prompt_mask, response_ids, response_mask)
 
+    def warm_up(self) -> None:
+        """One call through each graph, so the first real request doesn't pay for initialization."""
+        pre = self.preprocessor
+        size = pre.config.image_size
+        pixels = np.zeros((1, 3, size, size), dtype=np.float32)
+        ids = np.array([[pre.bos_id]], dtype=np.int64)
+        mask = np.ones((1, 1), dtype=np.int64)
+        self.stepper.step(self.stepper.prefill(pixels, ids, mask))
+        self.score(pixels, ids, mask, ids, mask)
+
     def metadata(self) -> dict:
         return {"version": self.version, "parent_version": self.manifest.parent_version,
                 "signatures": self.manifest.signatures, "metrics": self.manifest.metrics}

@@ -6,7 +6,6 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import onnxruntime as ort
 
 from fuseloop.repository import ENCODER, MODELS, ModelRepository, TensorSpec
@@ -88,16 +87,6 @@ class OnnxRuntime(ModelRuntime):
             check_signature(version, model, manifest.io(model, "outputs"), _specs(sess.get_outputs()))
             sessions[model] = sess
         loaded = OnnxVersion(version, manifest, load_preprocessor(repo, version, manifest), sessions)
-        warm_up(loaded)
+        loaded.warm_up()
         return loaded
 
-
-def warm_up(loaded: LoadedVersion) -> None:
-    """One call through each graph, so the first real request doesn't pay for initialization."""
-    pre = loaded.preprocessor
-    size = pre.config.image_size
-    pixels = np.zeros((1, 3, size, size), dtype=np.float32)
-    ids = np.array([[pre.bos_id]], dtype=np.int64)
-    mask = np.ones((1, 1), dtype=np.int64)
-    loaded.stepper.step(loaded.stepper.prefill(pixels, ids, mask))
-    loaded.score(pixels, ids, mask, ids, mask)

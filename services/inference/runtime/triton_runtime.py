@@ -43,7 +43,6 @@ from tritonclient.utils import InferenceServerException
 
 from fuseloop.repository import MODELS, Manifest, ModelRepository, RepositoryError, TensorSpec
 from services.inference.runtime.base import LoadedVersion, ModelRuntime, RuntimeError_, check_signature, load_preprocessor
-from services.inference.runtime.onnx_runtime import warm_up
 
 SCHEME = "triton://"
 CONFIG_FILE = "config.pbtxt"
@@ -256,7 +255,7 @@ class TritonRuntime(ModelRuntime):
             with self._held_lock:
                 self._held[version] = self._held.get(version, 0) + 1
         try:
-            warm_up(loaded)
+            loaded.warm_up()
         except BaseException:
             loaded.close()
             raise
