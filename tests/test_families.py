@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from fuseloop.checkpoint import Checkpoint
 from fuseloop.errors import UserError
 from fuseloop.families import FAMILIES, DecodeState, family_for
-from fuseloop.families.builtin import BuiltinFamily
-from fuseloop.repository import DECODER, ENCODER, MODELS, REWARD, Manifest
+from fuseloop.families.builtin import BuiltinFamily, BuiltinStepper
+from fuseloop.repository import DECODER, ENCODER, MANIFEST, MODELS, REWARD, Manifest, ModelRepository, RepositoryError
+from services.inference.runtime.onnx_runtime import OnnxRuntime, OnnxRuntimeConfig
 
 
 def test_a_family_is_found_by_name_manifest_or_config_and_old_records_mean_builtin():
@@ -126,3 +127,13 @@ def test_sequence_logprobs_are_the_teacher_forced_logprobs_of_the_tokens_given(q
     assert logp.shape == (2, resp.shape[1] - 1)
     by_hand = torch.log_softmax(logits[0, 0], -1)[resp[0, 1]]
     assert torch.isclose(logp[0, 0], by_hand) and (logp[0, rmask[0, 1:] == 0] == 0).all()
+
+
+def test_the_runtime_serves_a_version_with_its_manifests_family_and_refuses_an_unknown_one(repo_copy):
+    repo = ModelRepository(repo_copy)
+    runtime = OnnxRuntime(OnnxRuntimeConfig(device="cpu", intra_op_threads=1))
+    assert isinstance(runtime.load(repo, 1).stepper, BuiltinStepper)
+    path = repo.version_dir(ENCODER, 2) / MANIFEST
+    path.write_text(json.dumps({**json.loads(path.read_text()), "family": "gpt-7"}))
+    with pytest.raises(RepositoryError, match="version 2: unknown model family 'gpt-7'; known: .*builtin"):
+        runtime.load(repo, 2)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fuseloop.errors import UserError
 from fuseloop.families import Stepper, family_for
 from fuseloop.preprocessing import Preprocessor
 from fuseloop.repository import Manifest, ModelRepository, RepositoryError, TensorSpec
@@ -29,7 +30,11 @@ class LoadedVersion(ABC):
         self.version = version
         self.manifest = manifest
         self.preprocessor = preprocessor
-        self.stepper: Stepper = family_for(manifest).stepper(manifest.model_config, self.run)
+        try:
+            family = family_for(manifest)
+        except UserError as e:  # e.g. a version written by a newer fuseloop
+            raise RepositoryError(f"version {version}: {e}") from None
+        self.stepper: Stepper = family.stepper(manifest.model_config, self.run)
 
     @abstractmethod
     def run(self, model: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
