@@ -13,7 +13,9 @@ in these roles: prefill (image + prompt -> decode state), one decode step, the r
 inputs and outputs are the family's own; the manifest records them. An encoder-decoder family
 prefills into a cross-attention `memory` and an empty `past`; a decoder-only (LLaVA-style) family
 splices the image features into the prompt's embeddings and prefills into a `past` (KV cache) with
-an empty `memory`. The engine batches `DecodeState` rows the same way for both.
+an empty `memory`. The engine batches `DecodeState` rows the same way for both. A stepper may run
+any of its version's graphs: a family whose decoder also reads the prompt prefills with the
+encoder graph, then the step graph over the prompt (memory and past both non-empty).
 """
 
 from __future__ import annotations
