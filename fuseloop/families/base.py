@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,31 +70,28 @@ class DecodeState:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def _rows(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "past_axis"}
+    def _map(self, fn: Callable[[np.ndarray], np.ndarray]) -> "DecodeState":
+        # The constructor, not dataclasses.replace: this runs whenever rows join or leave.
+        return DecodeState(fn(self.tokens), fn(self.positions), fn(self.past), fn(self.past_mask), fn(self.memory),
+                           fn(self.memory_mask), self.past_axis)
 
     def repeat(self, counts: list[int]) -> "DecodeState":
         """Row i repeated counts[i] times (one row per candidate of a request)."""
-        return replace(self, **{k: np.repeat(v, counts, axis=0) for k, v in self._rows().items()})
+        return self._map(lambda v: np.repeat(v, counts, axis=0))
 
     def take(self, rows: np.ndarray) -> "DecodeState":
-        """The rows at the indices `rows`, then without padding that no remaining row needs."""
-        kept = replace(self, **{k: v[rows] for k, v in self._rows().items()})
-        return kept.trimmed()
-
-    def trimmed(self) -> "DecodeState":
-        """Drops cache columns on the left and memory columns on the right that every row masks."""
-        out = self
-        P = self.past_mask.shape[1]
-        start = int(np.argmax(self.past_mask.any(axis=0))) if self.past_mask.any() else P
+        """The rows at the indices `rows`, without the padding that no remaining row needs: cache
+        columns on the left and memory columns on the right that every remaining row masks."""
+        past_mask, memory_mask = self.past_mask[rows], self.memory_mask[rows]
+        real = past_mask.any(axis=0)
+        start = int(real.argmax()) if real.any() else real.shape[0]
+        used = memory_mask.any(axis=0)
+        end = used.shape[0] - int(used[::-1].argmax()) if used.any() else 0
+        past = self.past[rows]
         if start:
-            out = replace(out, past=_slice(out.past, self.past_axis, start, P), past_mask=out.past_mask[:, start:])
-        M = self.memory_mask.shape[1]
-        used = self.memory_mask.any(axis=0)
-        end = M - int(np.argmax(used[::-1])) if used.any() else 0
-        if end < M:
-            out = replace(out, memory=out.memory[:, :end], memory_mask=out.memory_mask[:, :end])
-        return out
+            past = _slice(past, self.past_axis, start, past.shape[self.past_axis])
+        return DecodeState(self.tokens[rows], self.positions[rows], past, past_mask[:, start:],
+                           self.memory[rows][:, :end], memory_mask[:, :end], self.past_axis)
 
     @classmethod
     def concat(cls, states: list["DecodeState"]) -> "DecodeState":
