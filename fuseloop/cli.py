@@ -40,7 +40,7 @@ def _export(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from fuseloop.demo.loop import DemoConfig, run_demo
+    from demo.loop import DemoConfig, run_demo
 
     out = Path(args.out) if args.out else Path("demo-out") / time.strftime("%Y%m%d-%H%M%S")
     cfg = DemoConfig.quick(out) if args.quick else DemoConfig(out=out)

@@ -236,12 +236,6 @@ class FusedPolicy(nn.Module):
                                      self.decoder.empty_past(B, input_ids.device))
         return logits
 
-    def sequence_logprobs(self, pixel_values, prompt_ids, prompt_mask, input_ids, input_mask) -> torch.Tensor:
-        """Per-token log pi(y_t | y_<t) (B, T-1) for inputs [BOS] y_1..y_n (masked where padding)."""
-        logits = self.forward(pixel_values, prompt_ids, prompt_mask, input_ids, input_mask)[:, :-1]
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        return logp * input_mask[:, 1:]
-
 
 class RewardModel(nn.Module):
     """The fused trunk with a scalar head: r(image, prompt, response), read at the last real token."""

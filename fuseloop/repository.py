@@ -8,10 +8,11 @@
     <root>/fuseloop_reward/<v>/model.onnx      reward model: (image, prompt, response) -> scalar
     <root>/<model>/config.pbtxt                Triton ModelConfig (dynamic batching)
 
-A fused version is the same number across the three models. The manifest, kept where
-preprocessing happens (the encoder), records a sha256 for every file of the version, the
-tokenizer and preprocessing config, the I/O signatures, training metrics, the parent version
-and the lineage of the data it learned from. Serving refuses a version that doesn't match it.
+A fused version is the same number across the three models. Every model family exports these
+three, in the roles prefill, decode step and reward (fuseloop.families). The manifest, kept where
+preprocessing happens (the encoder), records a sha256 for every file of the version, the model
+family, the tokenizer and preprocessing config, the I/O signatures, training metrics, the parent
+version and the lineage of the data it learned from. Serving refuses a version that doesn't match it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class Manifest:
     lineage: dict = field(default_factory=dict)  # offsets and event counts it learned from
     train_config: dict = field(default_factory=dict)  # the effective TrainConfig of the round that made it
     format_version: int = FORMAT_VERSION
+    # the model family whose graphs these are (fuseloop.families); manifests from before families mean "builtin"
+    family: str = "builtin"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

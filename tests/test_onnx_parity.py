@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fuseloop.model import generate
-from fuseloop.repository import ModelRepository
+from fuseloop.repository import DECODER, ENCODER, REWARD, ModelRepository
 from fuseloop.scenes import make_split, png_bytes, render
 from services.inference.engine import EngineConfig, GenerationEngine, GenerationJob, SequenceSpec
 from services.inference.runtime.onnx_runtime import OnnxRuntime, OnnxRuntimeConfig
-from trainer.export import DecoderStepGraph, EncoderGraph, example_inputs
 
 ATOL = 1e-4
 
@@ -31,25 +29,27 @@ def numpy_inputs(inputs: dict) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("batch", [1, 2, 3, 4])
 @pytest.mark.parametrize("prompt_len, past_len", [(1, 0), (7, 1), (24, 6)])
 def test_every_graph_matches_pytorch(quick_checkpoint, loaded, batch, prompt_len, past_len):
-    enc_in, step_in, rew_in = example_inputs(quick_checkpoint, batch=batch, prompt_len=prompt_len, past_len=past_len,
-                                             seed=batch * 100 + prompt_len)
+    ckpt = quick_checkpoint
+    graphs = ckpt.family.graphs(ckpt.policy, ckpt.reward, batch=batch, seed=batch * 100 + prompt_len,
+                                prompt_len=prompt_len, past_len=past_len)
+    enc, step, rew = graphs[ENCODER], graphs[DECODER], graphs[REWARD]
     with torch.no_grad():
-        memory, memory_mask = EncoderGraph(quick_checkpoint.policy)(**enc_in)
-        logits, present = DecoderStepGraph(quick_checkpoint.policy)(**step_in)
-        reward = quick_checkpoint.reward(**rew_in)
-    got_memory, got_mask = loaded.encode(**numpy_inputs(enc_in))
+        memory, memory_mask = enc.module(**enc.inputs)
+        logits, present = step.module(**step.inputs)
+        reward = rew.module(**rew.inputs)
+    got_memory, got_mask = loaded.run(ENCODER, numpy_inputs(enc.inputs))
     np.testing.assert_allclose(got_memory, memory.numpy(), atol=ATOL)
     np.testing.assert_array_equal(got_mask, memory_mask.numpy())
-    got_logits, got_present = loaded.decode_step(**numpy_inputs(step_in))
+    got_logits, got_present = loaded.run(DECODER, numpy_inputs(step.inputs))
     np.testing.assert_allclose(got_logits, logits.numpy(), atol=ATOL)
     np.testing.assert_allclose(got_present, present.numpy(), atol=ATOL)
-    np.testing.assert_allclose(loaded.score(**numpy_inputs(rew_in)), reward.numpy(), atol=ATOL)
+    np.testing.assert_allclose(loaded.score(**numpy_inputs(rew.inputs)), reward.numpy(), atol=ATOL)
     # One new token per step, as serving decodes.
-    one = dict(step_in, input_ids=step_in["input_ids"][:, :1], position_ids=step_in["position_ids"][:, :1],
-               attention_mask=step_in["attention_mask"][:, : past_len + 1])
+    one = dict(step.inputs, input_ids=step.inputs["input_ids"][:, :1], position_ids=step.inputs["position_ids"][:, :1],
+               attention_mask=step.inputs["attention_mask"][:, : past_len + 1])
     with torch.no_grad():
-        logits1, present1 = DecoderStepGraph(quick_checkpoint.policy)(**one)
-    got_logits1, got_present1 = loaded.decode_step(**numpy_inputs(one))
+        logits1, present1 = step.module(**one)
+    got_logits1, got_present1 = loaded.run(DECODER, numpy_inputs(one))
     np.testing.assert_allclose(got_logits1, logits1.numpy(), atol=ATOL)
     np.testing.assert_allclose(got_present1, present1.numpy(), atol=ATOL)
 
@@ -57,7 +57,7 @@ def test_every_graph_matches_pytorch(quick_checkpoint, loaded, batch, prompt_len
 def test_greedy_generation_through_the_engine_equals_pytorch_token_for_token(quick_checkpoint, loaded):
     examples = make_split("test", 12)
     pre = loaded.preprocessor
-    max_new = loaded.manifest.model_config["max_response_tokens"]
+    max_new = pre.config.max_response_tokens
     done = threading.Semaphore(0)
     jobs = [GenerationJob(loaded, pre.image(png_bytes(render(e.scene))), pre.prompt_ids(e.prompt),
                           [SequenceSpec(temperature=0.0, top_p=1.0, max_new_tokens=max_new)],
@@ -75,7 +75,8 @@ def test_greedy_generation_through_the_engine_equals_pytorch_token_for_token(qui
     for example, job in zip(examples, jobs):
         pixels = torch.from_numpy(pre.image(png_bytes(render(example.scene))))[None]
         ids, mask = pre.prompts([example.prompt])
-        tokens, logprobs = generate(policy, pixels, torch.from_numpy(ids), torch.from_numpy(mask), max_new, temperature=0)
+        tokens, logprobs = quick_checkpoint.family.generate(policy, pixels, torch.from_numpy(ids), torch.from_numpy(mask),
+                                                            max_new, temperature=0)
         expected = tokens[0].tolist()
         if pre.eos_id in expected:
             expected = expected[: expected.index(pre.eos_id) + 1]

@@ -13,8 +13,10 @@ from fuseloop.tokenizer import load_tokenizer
 
 
 def test_quick_pretrain_reports_gold_accuracy_and_leaves_a_plot(quick_run_dir):
-    for name in ("policy.pt", "reward.pt", "model_config.json", "preprocess.json", "tokenizer"):
+    for name in ("checkpoint.json", "policy/config.json", "policy/model.safetensors", "reward/config.json",
+                 "reward/model.safetensors", "preprocess.json", "tokenizer"):
         assert (quick_run_dir / name).exists(), name
+    assert json.loads((quick_run_dir / "checkpoint.json").read_text())["family"] == "builtin"
     metrics = json.loads((quick_run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["gold_accuracy_greedy"] <= 1.0
     assert metrics["policy_parameters"] > 0
@@ -38,6 +40,7 @@ def test_the_repository_has_triton_layout_configs_manifest_and_tokenizer(shared_
     assert [t.name for t in m2.io(REWARD, "outputs")] == ["reward"]
     assert load_tokenizer(repo.tokenizer_dir(2)).bos_token == "[BOS]"
     assert m2.preprocess_config().image_size == m2.model_config["image_size"]
+    assert m2.family == "builtin"
 
 
 def test_onnx_graphs_declare_their_signatures(shared_repo_dir):

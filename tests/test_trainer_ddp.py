@@ -90,7 +90,8 @@ def _uneven_rank(rank: int, port: int, run_dir: str, out_dir: str) -> None:
     train_reward(ckpt.reward, group.align_signals(data, 0.15), tensors,
                  RewardTrainConfig(steps=3, batch_size=16, seed=rank), wrap=group.wrap)
     prompts = group.nonempty(ctx if rank == 0 else [])
-    train_policy(ckpt.policy, ckpt.policy.__class__(ckpt.policy.cfg), ckpt.reward, prompts, data.demos, tensors,
+    reference = ckpt.family.build(ckpt.model_config)
+    train_policy(ckpt.family, ckpt.policy, reference, ckpt.reward, prompts, data.demos, tensors,
                  PolicyGradientConfig(steps=2, prompts_per_step=4, samples_per_prompt=2, demo_batch=4, seed=rank),
                  wrap=group.wrap, reduce_mean=group.mean)
     Path(out_dir, f"{rank}.json").write_text(json.dumps(

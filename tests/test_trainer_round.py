@@ -143,7 +143,7 @@ def test_the_gate_keeps_but_does_not_deploy_a_candidate_that_does_not_beat_servi
     assert not report["deployed"] and report["version"] is None
     assert any("does not beat serving" in r for r in report["not_deployed_because"])
     assert ModelRepository(repo_copy).versions() == [1, 2]
-    assert (tmp_path / "work" / "candidates" / "round-001" / "policy.pt").exists()
+    assert (tmp_path / "work" / "candidates" / "round-001" / "policy" / "model.safetensors").exists()
     assert len(gold_calls) >= 2  # the oracle judged candidate and serving (evaluation only)
 
 

@@ -87,22 +87,22 @@ def assert_same(got, expected) -> None:
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
 
 
+def encode(loaded: LoadedVersion, pixels, ids, mask) -> list[np.ndarray]:
+    """The prefill graph: memory and its mask."""
+    return loaded.run(ENCODER, {"pixel_values": pixels, "prompt_ids": ids, "prompt_mask": mask})
+
+
 def greedy(loaded: LoadedVersion, pixels, ids, mask, max_new_tokens: int) -> np.ndarray:
-    """The decode loop with a KV cache, as fuseloop.model.generate runs it at temperature 0."""
+    """The decode loop with a KV cache through the family's stepper, as the engine runs it at temperature 0."""
     pre = loaded.preprocessor
-    batch = len(ids)
-    memory, memory_mask = loaded.encode(pixels, ids, mask)
-    past = loaded.empty_past(batch)
-    token = np.full((batch, 1), pre.bos_id, dtype=np.int64)
-    done = np.zeros(batch, dtype=bool)
+    state = loaded.stepper.prefill(pixels, ids, mask)
+    done = np.zeros(len(ids), dtype=bool)
     out = []
-    for t in range(max_new_tokens):
-        logits, past = loaded.decode_step(token, np.full((batch, 1), t, dtype=np.int64),
-                                          np.ones((batch, t + 1), dtype=np.int64), memory, memory_mask, past)
-        nxt = np.where(done, pre.pad_id, logits[:, -1].argmax(-1))
+    for _ in range(max_new_tokens):
+        nxt = np.where(done, pre.pad_id, loaded.stepper.step(state).argmax(-1))
         out.append(nxt)
         done |= nxt == pre.eos_id
-        token = nxt[:, None]
+        state.tokens = nxt
         if done.all():
             break
     return np.stack(out, axis=1)
@@ -169,21 +169,22 @@ def test_loading_a_version_serves_it_on_the_server_with_the_manifests_signatures
 def test_encode_decode_step_and_score_equal_onnxruntime_in_process(v1, ort_versions, batch):
     ort = ort_versions[1]
     pixels, ids, mask = model_inputs(v1, batch, seed=batch)
-    memory = v1.encode(pixels, ids, mask)
-    assert_same(memory, ort.encode(pixels, ids, mask))
+    memory = encode(v1, pixels, ids, mask)
+    assert_same(memory, encode(ort, pixels, ids, mask))
     assert_same([v1.score(pixels, ids, mask, ids, mask)], [ort.score(pixels, ids, mask, ids, mask)])
 
     rng = np.random.default_rng(batch)
-    past_shape = v1.empty_past(batch).shape
+    past_shape = v1.stepper.prefill(pixels, ids, mask).past.shape
     for past_len, new in [(0, 1), (0, 3), (1, 1), (7, 2)]:
         past = rng.standard_normal((*past_shape[:3], past_len, past_shape[4])).astype(np.float32)
         attention = np.ones((batch, past_len + new), dtype=np.int64)
         if past_len:
             attention[0, 0] = 0  # a left-padded cache row
-        step = (ids[:, :new], np.full((batch, new), past_len, dtype=np.int64), attention, *memory, past)
-        logits, present = v1.decode_step(*step)
+        step = {"input_ids": ids[:, :new], "position_ids": np.full((batch, new), past_len, dtype=np.int64),
+                "attention_mask": attention, "memory": memory[0], "memory_mask": memory[1], "past": past}
+        logits, present = v1.run(DECODER, step)
         assert present.shape == (*past_shape[:3], past_len + new, past_shape[4])
-        assert_same([logits, present], ort.decode_step(*step))
+        assert_same([logits, present], ort.run(DECODER, step))
         logits[:] = 0  # writable, like ONNX Runtime's outputs
 
 
@@ -200,7 +201,7 @@ def test_greedy_generation_matches_onnxruntime_token_for_token(v1, ort_versions)
 def test_a_batch_above_the_servers_max_batch_size_is_split_and_reassembled(v1, ort_versions):
     batch = v1.max_batch[ENCODER] + 3
     pixels, ids, mask = model_inputs(v1, batch, seed=5)
-    assert_same(v1.encode(pixels, ids, mask), ort_versions[1].encode(pixels, ids, mask))
+    assert_same(encode(v1, pixels, ids, mask), encode(ort_versions[1], pixels, ids, mask))
     assert_same([v1.score(pixels, ids, mask, ids, mask)], [ort_versions[1].score(pixels, ids, mask, ids, mask)])
 
 
@@ -215,7 +216,7 @@ def test_a_tampered_artifact_is_refused_before_the_server_sees_it_and_v1_keeps_s
         assert not runtime.model_ready(DECODER, 3)
         assert runtime.held_versions() == [1]
         pixels, ids, mask = model_inputs(v1, 2, seed=1)
-        v1.encode(pixels, ids, mask)
+        encode(v1, pixels, ids, mask)
     finally:
         remove_version(repo, 3)
 
@@ -250,7 +251,7 @@ def test_v2_loads_beside_v1_while_v1_keeps_answering(runtime, repo, v1, ort_vers
         np.testing.assert_allclose(answer, expected, rtol=1e-5, atol=1e-6)
     assert v1.is_ready() and v2.is_ready()
     assert runtime.held_versions() == [1, 2]
-    assert_same(v2.encode(pixels, ids, mask), ort_versions[2].encode(pixels, ids, mask))
+    assert_same(encode(v2, pixels, ids, mask), encode(ort_versions[2], pixels, ids, mask))
 
     v2.close()  # released here, but another replica may still use it: it stays loaded
     assert runtime.held_versions() == [1] and v2.is_ready()
@@ -269,7 +270,7 @@ def test_a_version_whose_graphs_differ_from_its_manifest_is_refused(mlserver_ven
         with pytest.raises(RepositoryError, match=r"version 2: fuseloop_reward tensors .* differ from the manifest"):
             runtime.load(repo, 2)
         assert runtime.held_versions() == [1]
-        v1.encode(*model_inputs(v1, 1, seed=0))
+        encode(v1, *model_inputs(v1, 1, seed=0))
 
         # Unloading: never a version still open here; the last one goes with its models.
         with pytest.raises(RuntimeError_, match="still open"):
@@ -278,7 +279,7 @@ def test_a_version_whose_graphs_differ_from_its_manifest_is_refused(mlserver_ven
         assert runtime.unload_version(repo, 1) is True
         assert not v1.is_ready()
         with pytest.raises(TritonError, match="fuseloop_encoder version 1: inference failed"):
-            v1.encode(*model_inputs(v1, 1, seed=0))
+            encode(v1, *model_inputs(v1, 1, seed=0))
         runtime.close()
 
 
@@ -294,7 +295,7 @@ def test_when_the_server_is_gone_readiness_is_false_and_calls_fail_clearly(mlser
         server.stop()
     assert not v1.is_ready() and not runtime.server_ready()
     with pytest.raises(TritonError, match=f"Triton at {server.url} is unreachable") as err:
-        v1.encode(*model_inputs(v1, 1, seed=0))
+        encode(v1, *model_inputs(v1, 1, seed=0))
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(TritonError, match="cannot load a model version.*unreachable"):
         runtime.load(repo, 2)

@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from demo.simulated_users import Shown, SimulatedUser, UserModel
 from fuseloop.bus import EventBus, TopicConfig
 from fuseloop.checkpoint import Checkpoint
-from fuseloop.demo.simulated_users import Shown, SimulatedUser, UserModel
 from fuseloop.events import EVENT_SCHEMA_VERSION, new_id, now_ms
-from fuseloop.model import generate
 from fuseloop.scenes import GoldOracle, SceneTaskConfig, make_examples, png_bytes, render
 from fuseloop.v1 import events_pb2
 
@@ -36,8 +35,8 @@ def publish_traffic(bus: EventBus, topics: TopicConfig, ckpt: Checkpoint, reques
     px = torch.from_numpy(pre.images(images))
     ids, mask = (torch.from_numpy(a) for a in pre.prompts([e.prompt for e in examples]))
     gen = torch.Generator().manual_seed(seed)
-    tokens, logps = generate(ckpt.policy, px.repeat(2, 1, 1, 1), ids.repeat(2, 1), mask.repeat(2, 1),
-                             pre.config.max_response_tokens, 1.0, 1.0, gen)
+    tokens, logps = ckpt.family.generate(ckpt.policy, px.repeat(2, 1, 1, 1), ids.repeat(2, 1), mask.repeat(2, 1),
+                                         pre.config.max_response_tokens, 1.0, 1.0, gen)
     out = PublishedTraffic()
     for i, example in enumerate(examples):
         user = people[rng.randrange(users)]

@@ -5,7 +5,7 @@ side only), same initial weights, batch size, learning rate, optimizer (AdamW, w
 constant lr, grad-norm clip 1.0) and number of training examples. Both are scored by the same
 function (`evaluate_pairs`) on the same held-out pairs, split by request as the trainer splits.
 
-The initial reward model is `RewardModel.from_policy` of a supervised base policy with a fresh head
+The initial reward model is the family's `reward_model_from_policy` of a supervised base policy, a fresh head
 (as pretraining builds the first reward model): from a fresh trunk neither learns image grounding
 within a few epochs. The base policy is pretrained once (300 steps) and cached, or given with
 --checkpoint. What still differs: `train_reward` draws minibatches with replacement, TRL walks
@@ -15,7 +15,7 @@ compare accuracies over several seeds (--seeds N).
 
 How TRL is fed: `RewardTrainer` calls `model(**batch)` and reads `.logits` (chosen rows first,
 then rejected rows). `TRLRewardModel` is a thin `transformers.PreTrainedModel` around our
-`RewardModel`, and a collator adds the image and prompt tensors to TRL's padded (chosen; rejected)
+reward model, and a collator adds the image and prompt tensors to TRL's padded (chosen; rejected)
 response ids, pre-tokenized as TRL's own preprocessing does. `compute_loss` is TRL's, unchanged.
 
 Timing: wall seconds are end to end from pairs to trained model. fuseloop's include its two
@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from demo.simulated_users import UserModel
 from fuseloop.checkpoint import Checkpoint
-from fuseloop.demo.simulated_users import UserModel
-from fuseloop.model import RewardModel, count_parameters
+from fuseloop.model import count_parameters
 from fuseloop.preprocessing import Preprocessor, pad_right
 from fuseloop.scenes import BiasedAnnotator, GoldOracle, alternative_answer, make_split, png_bytes, render
 from trainer.batches import ContextTensors
@@ -104,7 +104,7 @@ def base_checkpoint(cfg: BenchConfig, checkpoint: str | None) -> Checkpoint:
 
 # -- the two contenders ------------------------------------------------------------------------------
 
-def run_fuseloop(reward: RewardModel, pre: Preprocessor, data: TrainingSet, cfg: BenchConfig, n_train: int,
+def run_fuseloop(reward: torch.nn.Module, pre: Preprocessor, data: TrainingSet, cfg: BenchConfig, n_train: int,
                  seed: int) -> dict:
     steps = math.ceil(cfg.epochs * n_train / cfg.batch_size)
     rcfg = RewardTrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, heldout_share=cfg.heldout_share,
@@ -116,7 +116,7 @@ def run_fuseloop(reward: RewardModel, pre: Preprocessor, data: TrainingSet, cfg:
             "final_loss": float(np.mean(result["loss"][-10:]))}
 
 
-def run_trl(reward: RewardModel, pre: Preprocessor, train_pairs: list, cfg: BenchConfig, seed: int,
+def run_trl(reward: torch.nn.Module, pre: Preprocessor, train_pairs: list, cfg: BenchConfig, seed: int,
             workdir: str) -> dict:
     import datasets
     from transformers import PretrainedConfig, PreTrainedModel
@@ -124,12 +124,12 @@ def run_trl(reward: RewardModel, pre: Preprocessor, train_pairs: list, cfg: Benc
     from trl import RewardConfig, RewardTrainer
 
     class TRLRewardModel(PreTrainedModel):
-        """Our RewardModel as the sequence classifier TRL expects: logits (B, 1)."""
+        """Our reward model as the sequence classifier TRL expects: logits (B, 1)."""
 
         config_class = PretrainedConfig
         main_input_name = "input_ids"
 
-        def __init__(self, inner: RewardModel) -> None:
+        def __init__(self, inner: torch.nn.Module) -> None:
             super().__init__(PretrainedConfig(num_labels=1))
             self.inner = inner  # no post_init(): it would re-initialize the shared weights
 
@@ -191,7 +191,7 @@ def run(cfg: BenchConfig, workdir: str, checkpoint: str | None = None, seeds: in
     data = preference_pairs(cfg)
     train_pairs, held_pairs = split(data.pairs, cfg.heldout_share)
     torch.manual_seed(cfg.seed)
-    init, pre = RewardModel.from_policy(base.policy), base.preprocessor
+    init, pre = base.family.reward_model_from_policy(base.policy), base.preprocessor
     warm_up()
     print(f"{len(train_pairs)} training pairs ({cfg.label_noise:.0%} flipped), {len(held_pairs)} held-out pairs; "
           f"reward model {count_parameters(init):,} parameters; {cfg.epochs} epochs, batch {cfg.batch_size}, "

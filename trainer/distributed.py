@@ -47,11 +47,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.policy_gradient import SequenceLogprobs
 from trainer.reward_training import is_heldout
 from trainer.round import ProcessGroup
 from trainer.signals import Context, TrainingSet
 
-CHECKSUMS = {"RewardModel": "reward_model", "SequenceLogprobs": "policy"}  # wrapped module -> name
 OUTCOME = ("parent_version", "version", "deployed", "gate", "not_deployed_because", "deploy", "skipped")
 
 
@@ -61,7 +61,7 @@ class GlooGroup(ProcessGroup):
     def __init__(self, backend: str = "gloo", keepalive: Callable[[], object] | None = None) -> None:
         dist.init_process_group(backend)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.trained: dict[str, torch.nn.Module] = {}  # the last modules wrapped, by class, for checksums
+        self.trained: dict[str, torch.nn.Module] = {}  # the last modules wrapped, "policy" or "reward_model"
         # Called while a reduction waits for slower ranks: a rank done ingesting keeps its bus
         # membership alive, or a rank still polling would take over its partitions.
         self.keepalive = keepalive
@@ -73,7 +73,9 @@ class GlooGroup(ProcessGroup):
         dist.barrier()
 
     def wrap(self, module: torch.nn.Module) -> DistributedDataParallel:
-        self.trained[type(module).__name__] = getattr(module, "policy", module)  # SequenceLogprobs -> the policy
+        # SequenceLogprobs wraps the policy; anything else wrapped is the reward model, whatever its family.
+        policy = isinstance(module, SequenceLogprobs)
+        self.trained["policy" if policy else "reward_model"] = module.policy if policy else module
         # Every parameter gets a gradient in every step (no find_unused_parameters needed).
         return DistributedDataParallel(module)
 
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             report = trainer.run_round()
             state = {"rank": rank, "round": report["round"], "version": report.get("version"),
                      "partitions_read": sorted(f"{t}/{p}" for t, p in trainer.store.offsets()),
-                     **{f"{CHECKSUMS[name]}_sha256": state_sha256(m) for name, m in group.trained.items()}}
+                     **{f"{name}_sha256": state_sha256(m) for name, m in group.trained.items()}}
             (Path(config.workdir) / f"state-round-{report['round']:03d}.json").write_text(json.dumps(state, indent=2))
             if group.is_leader:
                 print(json.dumps(report, indent=2, default=str), flush=True)

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from fuseloop.model import FusedPolicy, generate
+from fuseloop.families import ModelFamily
 from fuseloop.preprocessing import Preprocessor
 from fuseloop.scenes import Example, GoldOracle, render
 
@@ -31,23 +32,23 @@ def encode_examples(pre: Preprocessor, examples: list[Example]) -> tuple[torch.T
     return pixels, torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def policy_answers(policy: FusedPolicy, pre: Preprocessor, examples: list[Example], temperature: float = 0.0,
-                   seed: int = 0, batch_size: int = 256) -> list[str]:
+def policy_answers(family: ModelFamily, policy: nn.Module, pre: Preprocessor, examples: list[Example],
+                   temperature: float = 0.0, seed: int = 0, batch_size: int = 256) -> list[str]:
     policy.eval()
     gen = torch.Generator().manual_seed(seed)
     answers = []
     for batch in example_batches(examples, batch_size):
         pixels, ids, mask = encode_examples(pre, batch)
-        tokens, _ = generate(policy, pixels, ids, mask, pre.config.max_response_tokens, temperature, 1.0, gen)
+        tokens, _ = family.generate(policy, pixels, ids, mask, pre.config.max_response_tokens, temperature, 1.0, gen)
         answers += [pre.decode(row.tolist()) for row in tokens]
     return answers
 
 
-def gold_accuracy(policy: FusedPolicy, pre: Preprocessor, examples: list[Example], temperature: float = 0.0,
-                  oracle: GoldOracle | None = None, seed: int = 0) -> GoldReport:
+def gold_accuracy(family: ModelFamily, policy: nn.Module, pre: Preprocessor, examples: list[Example],
+                  temperature: float = 0.0, oracle: GoldOracle | None = None, seed: int = 0) -> GoldReport:
     """Share of fully correct answers, greedy by default."""
     oracle = oracle or GoldOracle()
-    answers = policy_answers(policy, pre, examples, temperature, seed)
+    answers = policy_answers(family, policy, pre, examples, temperature, seed)
     correct = np.array([oracle.correct(e, a) for e, a in zip(examples, answers)], dtype=np.float64)
     by_kind = {k: float(correct[[e.kind == k for e in examples]].mean())
                for k in sorted({e.kind for e in examples})}

@@ -1,7 +1,8 @@
 """Export: a checkpoint's policy and reward model -> ONNX graphs -> a new repository version.
 
-Three graphs: the fused encoder, one decoder step with a KV cache, and the reward model. Triton's
-config.pbtxt is written through Triton's own ModelConfig protobuf, not string templates.
+Three graphs, which the checkpoint's model family defines (`ModelFamily.graphs`): prefill, one
+decoder step with a KV cache, and the reward model. Triton's config.pbtxt is written through
+Triton's own ModelConfig protobuf, not string templates.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from fuseloop.checkpoint import Checkpoint
-from fuseloop.model import FusedPolicy, RewardModel
-from fuseloop.repository import DECODER, ENCODER, MODELS, REWARD, Manifest, ModelRepository, TensorSpec
+from fuseloop.repository import MODELS, Manifest, ModelRepository, TensorSpec
 
 ONNX_TO_KSERVE = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.INT32: "INT32",
                   onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.FLOAT16: "FP16"}
@@ -30,51 +30,6 @@ KSERVE_TO_TRITON = {"FP32": mc.TYPE_FP32, "INT64": mc.TYPE_INT64, "INT32": mc.TY
                     "FP16": mc.TYPE_FP16}
 OPSET = 20
 MAX_BATCH = 64
-
-
-class EncoderGraph(torch.nn.Module):
-    def __init__(self, policy: FusedPolicy) -> None:
-        super().__init__()
-        self.encoder = policy.encoder
-
-    def forward(self, pixel_values, prompt_ids, prompt_mask):
-        return self.encoder(pixel_values, prompt_ids, prompt_mask)
-
-
-class DecoderStepGraph(torch.nn.Module):
-    def __init__(self, policy: FusedPolicy) -> None:
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, input_ids, position_ids, attention_mask, memory, memory_mask, past):
-        return self.policy.decode_step(input_ids, position_ids, attention_mask, memory, memory_mask, past)
-
-
-def example_inputs(ckpt: Checkpoint, batch: int = 2, prompt_len: int = 5, past_len: int = 3, seed: int = 0):
-    """Random but well-formed inputs for each graph (also used by the parity tests)."""
-    cfg = ckpt.model_config
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)
-    prompt_ids = torch.randint(4, cfg.vocab_size, (batch, prompt_len), generator=g)
-    prompt_mask = torch.ones(batch, prompt_len, dtype=torch.long)
-    prompt_mask[0, -1] = 0  # exercise padding
-    memory, memory_mask = ckpt.policy.encoder(pixels, prompt_ids, prompt_mask)
-    T = 2  # not 1: torch.export would specialize a size-1 dimension
-    step = dict(
-        input_ids=torch.randint(4, cfg.vocab_size, (batch, T), generator=g),
-        position_ids=torch.full((batch, T), past_len, dtype=torch.long),
-        attention_mask=torch.ones(batch, past_len + T, dtype=torch.long),
-        memory=memory.detach(), memory_mask=memory_mask,
-        past=torch.randn(batch, 2 * cfg.n_decoder_layers, cfg.n_heads, past_len, cfg.head_dim, generator=g),
-    )
-    step["attention_mask"][0, 0] = 0  # a left-padded cache row
-    resp_len = 4
-    response_ids = torch.randint(4, cfg.vocab_size, (batch, resp_len), generator=g)
-    response_mask = torch.ones(batch, resp_len, dtype=torch.long)
-    response_mask[-1, -1] = 0
-    encoder = dict(pixel_values=pixels, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
-    reward = dict(encoder, response_ids=response_ids, response_mask=response_mask)
-    return encoder, step, reward
 
 
 def _export(module: torch.nn.Module, inputs: dict, outputs: list[str], dynamic: dict, path: Path) -> None:
@@ -89,11 +44,6 @@ def _export(module: torch.nn.Module, inputs: dict, outputs: list[str], dynamic: 
             dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, verbose=False, optimize=False,
         )
     program.save(str(path), external_data=False)
-
-
-def graph_modules(ckpt: Checkpoint) -> dict[str, torch.nn.Module]:
-    """The module each graph is exported from; its state_dict names are the graph's initializers."""
-    return {ENCODER: EncoderGraph(ckpt.policy), DECODER: DecoderStepGraph(ckpt.policy), REWARD: ckpt.reward}
 
 
 def swap_weights(template: Path, module: torch.nn.Module, out: Path) -> bool:
@@ -113,29 +63,20 @@ def swap_weights(template: Path, module: torch.nn.Module, out: Path) -> bool:
 
 
 def export_graphs(ckpt: Checkpoint, out_dir: Path, templates: dict[str, Path] | None = None) -> dict[str, Path]:
-    """Writes model -> ONNX path for the encoder, decoder step and reward model. With `templates`
-    (the same architecture's graphs, e.g. the parent version's), only the weights are swapped in:
-    tracing takes tens of seconds, a swap well under one. The parity check verifies either way."""
+    """Writes model -> ONNX path for the three graphs the checkpoint's family exports. With
+    `templates` (the same architecture's graphs, e.g. the parent version's), only the weights are
+    swapped in: tracing takes tens of seconds, a swap well under one. The parity check verifies either way."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt.policy.eval()
     ckpt.reward.eval()
     paths = {m: out_dir / f"{m}.onnx" for m in MODELS}
-    if templates is not None:
-        modules = graph_modules(ckpt)
-        if all(swap_weights(templates[m], modules[m], paths[m]) for m in MODELS):
-            return paths
-    enc_in, step_in, rew_in = example_inputs(ckpt)
-    B, S, T, M, R = (torch.export.Dim(n, min=1, max=4096) for n in ("batch", "prompt", "new", "memory", "resp"))
-    P = torch.export.Dim("past", min=0, max=4096)
+    graphs = ckpt.family.graphs(ckpt.policy, ckpt.reward)
+    if templates is not None and all(swap_weights(templates[m], graphs[m].module, paths[m]) for m in MODELS):
+        return paths
     with torch.no_grad():
-        _export(EncoderGraph(ckpt.policy), enc_in, ["memory", "memory_mask"],
-                {"pixel_values": {0: B}, "prompt_ids": {0: B, 1: S}, "prompt_mask": {0: B, 1: S}}, paths[ENCODER])
-        _export(DecoderStepGraph(ckpt.policy), step_in, ["logits", "present"],
-                {"input_ids": {0: B, 1: T}, "position_ids": {0: B, 1: T}, "attention_mask": {0: B, 1: torch.export.Dim.AUTO},
-                 "memory": {0: B, 1: M}, "memory_mask": {0: B, 1: M}, "past": {0: B, 3: P}}, paths[DECODER])
-        _export(ckpt.reward, rew_in, ["reward"],
-                {"pixel_values": {0: B}, "prompt_ids": {0: B, 1: S}, "prompt_mask": {0: B, 1: S},
-                 "response_ids": {0: B, 1: R}, "response_mask": {0: B, 1: R}}, paths[REWARD])
+        for m in MODELS:
+            g = graphs[m]
+            _export(g.module, g.inputs, g.outputs, g.dynamic_shapes, paths[m])
     return paths
 
 
@@ -172,18 +113,14 @@ def export_parity(ckpt: Checkpoint, paths: dict[str, Path]) -> float:
     import onnxruntime as ort
 
     worst = 0.0
-    enc_in, step_in, rew_in = example_inputs(ckpt, batch=3)
-    with torch.no_grad():
-        cases = [
-            (ENCODER, enc_in, EncoderGraph(ckpt.policy)(**enc_in)),
-            (DECODER, step_in, DecoderStepGraph(ckpt.policy)(**step_in)),
-            (REWARD, rew_in, (ckpt.reward(**rew_in),)),
-        ]
-    for model, inputs, expected in cases:
+    for model, g in ckpt.family.graphs(ckpt.policy, ckpt.reward, batch=3).items():
+        with torch.no_grad():
+            expected = g.module(**g.inputs)
+        expected = expected if isinstance(expected, tuple) else (expected,)
         sess = ort.InferenceSession(str(paths[model]), providers=["CPUExecutionProvider"])
-        got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
-        for g, e in zip(got, expected):
-            worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - e.numpy().astype(np.float64)))))
+        got = sess.run(None, {k: v.numpy() for k, v in g.inputs.items()})
+        for out, e in zip(got, expected):
+            worst = max(worst, float(np.max(np.abs(out.astype(np.float64) - e.numpy().astype(np.float64)))))
     return worst
 
 
@@ -203,7 +140,7 @@ def publish(ckpt: Checkpoint, repo: ModelRepository, parent_version: int | None 
         manifest = Manifest(
             version=0, parent_version=parent_version,
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            files={}, signatures=signatures, model_config=ckpt.model_config.to_dict(),
+            files={}, signatures=signatures, model_config=ckpt.model_config, family=ckpt.family.name,
             preprocess=_preprocess_dict(ckpt), metrics=dict(metrics or ckpt.metrics),
             lineage=dict(lineage or {"source": "pretrain"}), train_config=dict(train_config or {}),
         )
@@ -215,9 +152,10 @@ def publish(ckpt: Checkpoint, repo: ModelRepository, parent_version: int | None 
 
 
 def same_architecture_graphs(repo: ModelRepository, ckpt: Checkpoint) -> dict[str, Path] | None:
-    """The newest version's graphs when its model config equals the checkpoint's."""
+    """The newest version's graphs when its family and model config equal the checkpoint's."""
     for version in reversed(repo.versions()):
-        if repo.manifest(version).model_config == ckpt.model_config.to_dict():
+        manifest = repo.manifest(version)
+        if manifest.family == ckpt.family.name and manifest.model_config == ckpt.model_config:
             return {m: repo.model_path(m, version) for m in MODELS}
     return None
 

@@ -8,12 +8,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn as nn
 
-from fuseloop.model import FusedPolicy, RewardModel, generate
+from fuseloop.families import ModelFamily
 from trainer.batches import ContextTensors, tokens_to_inputs
 from trainer.signals import Context
 
-GoldCheck = Callable[[FusedPolicy], float]  # gold accuracy of a policy (evaluation only)
+GoldCheck = Callable[[nn.Module], float]  # gold accuracy of a policy (evaluation only)
 
 
 @dataclass(frozen=True)
@@ -37,26 +38,26 @@ class GateResult:
         return asdict(self)
 
 
-def mean_greedy_reward(policy: FusedPolicy, reward: RewardModel, tensors: ContextTensors, contexts: list[Context],
-                       batch_size: int = 256) -> float:
+def mean_greedy_reward(family: ModelFamily, policy: nn.Module, reward: nn.Module, tensors: ContextTensors,
+                       contexts: list[Context], batch_size: int = 256) -> float:
     policy.eval()
     reward.eval()
     scores = []
-    cfg = policy.cfg
+    pre = tensors.pre
     with torch.no_grad():
         for i in range(0, len(contexts), batch_size):
             px, ids, mask = tensors.inputs(contexts[i: i + batch_size])
-            tokens, _ = generate(policy, px, ids, mask, cfg.max_response_tokens, 0.0)
-            inp, imask = tokens_to_inputs(tokens, cfg.bos_id, cfg.eos_id)
+            tokens, _ = family.generate(policy, px, ids, mask, pre.config.max_response_tokens, 0.0)
+            inp, imask = tokens_to_inputs(tokens, pre.bos_id, pre.eos_id)
             scores.append(reward(px, ids, mask, inp, imask))
     return float(torch.cat(scores).mean()) if scores else float("nan")
 
 
-def run_gate(candidate: FusedPolicy, serving: FusedPolicy, reward: RewardModel, tensors: ContextTensors,
+def run_gate(family: ModelFamily, candidate: nn.Module, serving: nn.Module, reward: nn.Module, tensors: ContextTensors,
              heldout: list[Context], kl: float, cfg: GateConfig, gold: GoldCheck | None = None) -> GateResult:
     res = GateResult(passed=True, kl=kl)
-    res.reward_candidate = mean_greedy_reward(candidate, reward, tensors, heldout)
-    res.reward_serving = mean_greedy_reward(serving, reward, tensors, heldout)
+    res.reward_candidate = mean_greedy_reward(family, candidate, reward, tensors, heldout)
+    res.reward_serving = mean_greedy_reward(family, serving, reward, tensors, heldout)
     gain = res.reward_candidate - res.reward_serving
     if not gain > cfg.min_reward_gain:
         res.passed = False

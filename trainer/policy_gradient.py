@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
-from fuseloop.model import FusedPolicy, RewardModel, generate
+from fuseloop.families import ModelFamily
 from trainer.batches import ContextTensors, tokens_to_inputs
 from trainer.losses import (kl_penalized_rewards, normalize_rewards, policy_gradient_loss, rloo_advantages,
                             token_cross_entropy)
@@ -34,41 +35,42 @@ class PolicyGradientConfig:
 class SequenceLogprobs(torch.nn.Module):
     """The policy's per-token logprobs as a module's forward, so DistributedDataParallel can wrap it."""
 
-    def __init__(self, policy: FusedPolicy) -> None:
+    def __init__(self, family: ModelFamily, policy: nn.Module) -> None:
         super().__init__()
+        self.family = family
         self.policy = policy
 
     def forward(self, pixel_values, prompt_ids, prompt_mask, input_ids, input_mask):
-        return self.policy.sequence_logprobs(pixel_values, prompt_ids, prompt_mask, input_ids, input_mask)
+        return self.family.sequence_logprobs(self.policy, pixel_values, prompt_ids, prompt_mask, input_ids, input_mask)
 
 
-def sequence_kl(policy: FusedPolicy, reference: FusedPolicy, tensors: ContextTensors, contexts: list[Context],
-                temperature: float = 1.0, samples: int = 2, seed: int = 0) -> float:
+def sequence_kl(family: ModelFamily, policy: nn.Module, reference: nn.Module, tensors: ContextTensors,
+                contexts: list[Context], temperature: float = 1.0, samples: int = 2, seed: int = 0) -> float:
     """Monte-Carlo KL(pi || pi_ref) per response: mean over samples of sum_t log pi - log pi_ref."""
     gen = torch.Generator().manual_seed(seed)
     px, ids, mask = tensors.inputs(contexts)
     px, ids, mask = px.repeat(samples, 1, 1, 1), ids.repeat(samples, 1), mask.repeat(samples, 1)
-    cfg = policy.cfg
+    pre = tensors.pre
     with torch.no_grad():
-        tokens, _ = generate(policy, px, ids, mask, cfg.max_response_tokens, temperature, 1.0, gen)
-        inp, imask = tokens_to_inputs(tokens, cfg.bos_id, cfg.eos_id)
-        logp = policy.sequence_logprobs(px, ids, mask, inp, imask)
-        ref = reference.sequence_logprobs(px, ids, mask, inp, imask)
+        tokens, _ = family.generate(policy, px, ids, mask, pre.config.max_response_tokens, temperature, 1.0, gen)
+        inp, imask = tokens_to_inputs(tokens, pre.bos_id, pre.eos_id)
+        logp = family.sequence_logprobs(policy, px, ids, mask, inp, imask)
+        ref = family.sequence_logprobs(reference, px, ids, mask, inp, imask)
     return float((logp - ref).sum(dim=-1).mean())
 
 
-def train_policy(policy: FusedPolicy, reference: FusedPolicy, reward: RewardModel, contexts: list[Context],
-                 demos: list[tuple[Context, str]], tensors: ContextTensors, cfg: PolicyGradientConfig,
-                 wrap=lambda m: m, reduce_mean=lambda v: v) -> dict:
+def train_policy(family: ModelFamily, policy: nn.Module, reference: nn.Module, reward: nn.Module,
+                 contexts: list[Context], demos: list[tuple[Context, str]], tensors: ContextTensors,
+                 cfg: PolicyGradientConfig, wrap=lambda m: m, reduce_mean=lambda v: v) -> dict:
     """Returns per-step curves (reward, kl, loss) and why it stopped. Under DDP, `reduce_mean`
     averages a float over the processes, so all of them stop at the same step."""
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    scorer = wrap(SequenceLogprobs(policy))
+    scorer = wrap(SequenceLogprobs(family, policy))
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     reference.eval()
     reward.eval()
-    mcfg = policy.cfg
+    pre = tensors.pre
     curves = {"reward": [], "kl": [], "loss": []}
     stopped = "steps done"
     for _ in (bar := tqdm(range(cfg.steps), desc="policy gradient (RLOO)", leave=False)):
@@ -78,10 +80,10 @@ def train_policy(policy: FusedPolicy, reference: FusedPolicy, reward: RewardMode
         px, ids, mask = px.repeat_interleave(k, 0), ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
         policy.eval()
         with torch.no_grad():
-            tokens, _ = generate(policy, px, ids, mask, mcfg.max_response_tokens, cfg.temperature, 1.0, gen)
-            inp, imask = tokens_to_inputs(tokens, mcfg.bos_id, mcfg.eos_id)
+            tokens, _ = family.generate(policy, px, ids, mask, pre.config.max_response_tokens, cfg.temperature, 1.0, gen)
+            inp, imask = tokens_to_inputs(tokens, pre.bos_id, pre.eos_id)
             rewards = reward(px, ids, mask, inp, imask)
-            ref_logp = reference.sequence_logprobs(px, ids, mask, inp, imask)
+            ref_logp = family.sequence_logprobs(reference, px, ids, mask, inp, imask)
         policy.train()
         logp = scorer(px, ids, mask, inp, imask)
         kl = (logp.detach() - ref_logp).sum(dim=-1)  # (N*k,)
@@ -92,7 +94,7 @@ def train_policy(policy: FusedPolicy, reference: FusedPolicy, reward: RewardMode
             d = [demos[rng.randrange(len(demos))] for _ in range(cfg.demo_batch)]
             dpx, dids, dmask = tensors.inputs([c for c, _ in d])
             rids, rmask = tensors.responses([t for _, t in d])
-            logits = policy(dpx, dids, dmask, rids[:, :-1], rmask[:, :-1])
+            logits = family.token_logits(policy, dpx, dids, dmask, rids[:, :-1], rmask[:, :-1])
             loss = loss + cfg.demo_weight * token_cross_entropy(logits, rids[:, 1:], rmask[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
 from fuseloop.checkpoint import Checkpoint
-from fuseloop.model import FusedPolicy, ModelConfig, RewardModel, count_parameters
+from fuseloop.families import ModelFamily, family_for
+from fuseloop.model import ModelConfig, count_parameters
 from fuseloop.preprocessing import PreprocessConfig, Preprocessor
 from fuseloop.scenes import BiasedAnnotator, Example, SceneTaskConfig, alternative_answer, make_split, render, task_texts
 from fuseloop.tokenizer import train_tokenizer
@@ -35,7 +37,7 @@ class PretrainConfig:
     lr: float = 3e-3
     reward_steps: int = 300
     seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # pretraining from scratch builds the built-in family
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     @classmethod
@@ -64,7 +66,7 @@ class PretrainData:
         return self.pixels[i], self.prompt_ids[i], self.prompt_mask[i]
 
 
-def train_policy(policy: FusedPolicy, pre: Preprocessor, data: PretrainData, labels: list[str],
+def train_policy(family: ModelFamily, policy: nn.Module, pre: Preprocessor, data: PretrainData, labels: list[str],
                  cfg: PretrainConfig, rng: np.random.Generator) -> list[float]:
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
@@ -74,7 +76,7 @@ def train_policy(policy: FusedPolicy, pre: Preprocessor, data: PretrainData, lab
         idx = rng.integers(0, len(labels), cfg.batch_size)
         pixels, pids, pmask = data.take(idx)
         ids, mask = response_batch(pre, [labels[i] for i in idx])
-        logits = policy(pixels, pids, pmask, ids[:, :-1], mask[:, :-1])
+        logits = family.token_logits(policy, pixels, pids, pmask, ids[:, :-1], mask[:, :-1])
         loss = token_cross_entropy(logits, ids[:, 1:], mask[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -86,7 +88,7 @@ def train_policy(policy: FusedPolicy, pre: Preprocessor, data: PretrainData, lab
     return losses
 
 
-def train_initial_reward(reward: RewardModel, pre: Preprocessor, data: PretrainData, labels: list[str],
+def train_initial_reward(reward: nn.Module, pre: Preprocessor, data: PretrainData, labels: list[str],
                          cfg: PretrainConfig, rng: np.random.Generator) -> list[float]:
     """Labelled answers over alternative answers (Bradley-Terry): inherits the annotator's biases."""
     alt_rng = random.Random(cfg.seed)
@@ -130,15 +132,16 @@ def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict:
     wrong = float(np.mean([l != e.answer for l, e in zip(labels, train)]))
     data = PretrainData(pre, train)
 
-    policy = FusedPolicy(model_cfg)
-    policy_losses = train_policy(policy, pre, data, labels, cfg, rng)
-    reward = RewardModel.from_policy(policy)
+    family = family_for(None)  # pretraining from scratch builds the built-in model
+    policy = family.build(model_cfg.to_dict())
+    policy_losses = train_policy(family, policy, pre, data, labels, cfg, rng)
+    reward = family.reward_model_from_policy(policy)
     reward_losses = train_initial_reward(reward, pre, data, labels, cfg, rng)
     train_s = time.perf_counter() - t0
 
     test = make_split("test", cfg.n_test, task)
-    greedy = gold_accuracy(policy, pre, test, temperature=0.0)
-    sampled = gold_accuracy(policy, pre, test, temperature=1.0)
+    greedy = gold_accuracy(family, policy, pre, test, temperature=0.0)
+    sampled = gold_accuracy(family, policy, pre, test, temperature=1.0)
     metrics = {
         "gold_accuracy_greedy": greedy.accuracy,
         "gold_accuracy_sampled": sampled.accuracy,
@@ -152,6 +155,6 @@ def pretrain(cfg: PretrainConfig, out_dir: Path) -> dict:
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("model", "preprocess")},
     }
     out_dir = Path(out_dir)
-    Checkpoint(policy, reward, pre, reference=None, metrics=metrics).save(out_dir)
+    Checkpoint(family, policy, reward, pre, reference=None, metrics=metrics).save(out_dir)
     plot_curves(out_dir / "pretrain.png", "pretraining", {"policy loss": policy_losses, "reward loss (BT)": reward_losses})
     return metrics

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fuseloop.model import RewardModel
 from trainer.batches import ContextTensors
 from trainer.losses import bradley_terry_loss, rating_loss, unpaired_binary_loss
 from trainer.signals import TrainingSet
@@ -36,7 +35,7 @@ def split(items: list, share: float) -> tuple[list, list]:
     return train, held
 
 
-def score_pairs(reward: RewardModel, tensors: ContextTensors, pairs: list, batch_size: int = 256) -> np.ndarray:
+def score_pairs(reward: torch.nn.Module, tensors: ContextTensors, pairs: list, batch_size: int = 256) -> np.ndarray:
     """r(chosen) - r(rejected) for each pair."""
     reward.eval()
     diffs = []
@@ -67,7 +66,7 @@ def calibration_error(diffs: np.ndarray, bins: int = 5) -> float:
     return float(ece)
 
 
-def evaluate_pairs(reward: RewardModel, tensors: ContextTensors, pairs: list) -> dict:
+def evaluate_pairs(reward: torch.nn.Module, tensors: ContextTensors, pairs: list) -> dict:
     diffs = score_pairs(reward, tensors, pairs)
     if len(diffs) == 0:
         return {"heldout_pairs": 0, "pairwise_accuracy": float("nan"), "calibration_ece": float("nan")}
@@ -79,7 +78,7 @@ def _sample(items: list, n: int, rng: random.Random) -> list:
     return [items[rng.randrange(len(items))] for _ in range(n)] if items else []
 
 
-def train_reward(reward: RewardModel, data: TrainingSet, tensors: ContextTensors, cfg: RewardTrainConfig,
+def train_reward(reward: torch.nn.Module, data: TrainingSet, tensors: ContextTensors, cfg: RewardTrainConfig,
                  wrap=lambda m: m) -> dict:
     """Warm-started retrain. Each step draws a minibatch per signal and sums the weighted losses.
     `wrap` lets the caller put the model under DistributedDataParallel."""

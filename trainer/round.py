@@ -150,9 +150,9 @@ class Trainer:
             [Context(p, img, rid) for rid, p, img in self.store.requests(since, self.config.max_prompts)])
         train_ctx = [c for c in contexts if not is_heldout(c.request_id, self.config.heldout_share)]
         held_ctx = [c for c in contexts if is_heldout(c.request_id, self.config.heldout_share)] or contexts[:32]
-        pg = train_policy(ckpt.policy, reference, ckpt.reward, train_ctx or contexts, data.demos, tensors,
+        pg = train_policy(ckpt.family, ckpt.policy, reference, ckpt.reward, train_ctx or contexts, data.demos, tensors,
                           self.config.policy, wrap=self.group.wrap, reduce_mean=self.group.mean)
-        kl = self.group.mean(sequence_kl(ckpt.policy, reference, tensors, held_ctx))
+        kl = self.group.mean(sequence_kl(ckpt.family, ckpt.policy, reference, tensors, held_ctx))
         timings["policy"], t = round(time.perf_counter() - t, 1), time.perf_counter()
         report["policy"] = {"steps": pg["steps"], "stopped": pg["stopped"], "kl": kl,
                             "reward_first": pg["curves"]["reward"][0], "reward_last": pg["curves"]["reward"][-1]}
@@ -164,14 +164,15 @@ class Trainer:
         held_all = [c for part in self.group.gather(held_ctx) for c in part]
         if not self.group.is_leader:  # the leader gates and publishes; _finish waits for its outcome
             return self._finish(round_, report, t0)
-        gate = run_gate(ckpt.policy, serving_policy, ckpt.reward, tensors, held_all, kl, self.config.gate, self.gold)
+        gate = run_gate(ckpt.family, ckpt.policy, serving_policy, ckpt.reward, tensors, held_all, kl, self.config.gate,
+                        self.gold)
         report["gate"] = gate.to_dict()
         timings["gate"], t = round(time.perf_counter() - t, 1), time.perf_counter()
         workdir = Path(self.config.workdir)
         plot_curves(workdir / f"round-{round_:03d}.png", f"round {round_}",
                     {"reward-model loss": rm["loss"], "policy reward": pg["curves"]["reward"],
                      "KL to reference": pg["curves"]["kl"]})
-        candidate = Checkpoint(ckpt.policy, ckpt.reward, ckpt.preprocessor, reference,
+        candidate = Checkpoint(ckpt.family, ckpt.policy, ckpt.reward, ckpt.preprocessor, reference,
                                metrics={"round": round_, "gate": gate.to_dict(), "kl": kl,
                                         "reward_model": report["reward_model"]})
         if not gate.passed:

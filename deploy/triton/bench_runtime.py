@@ -10,6 +10,7 @@ on CPU in this process: what the gRPC hop and the server cost on top of the grap
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -28,18 +29,18 @@ from services.inference.runtime.triton_runtime import TritonRuntime, TritonRunti
 
 def calls(loaded: LoadedVersion, batch: int, past_len: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    cfg, pre = loaded.manifest.model_config, loaded.preprocessor
+    pre = loaded.preprocessor
     size = pre.config.image_size
     pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-    ids = rng.integers(4, cfg["vocab_size"], (batch, pre.config.max_prompt_tokens // 2)).astype(np.int64)
+    ids = rng.integers(4, len(pre.tokenizer), (batch, pre.config.max_prompt_tokens // 2)).astype(np.int64)
     mask = np.ones_like(ids)
-    memory, memory_mask = loaded.encode(pixels, ids, mask)
-    shape = loaded.empty_past(batch).shape
-    past = rng.standard_normal((*shape[:3], past_len, shape[4])).astype(np.float32)
-    step = (ids[:, :1], np.full((batch, 1), past_len, np.int64), np.ones((batch, past_len + 1), np.int64),
-            memory, memory_mask, past)
-    return {"encode": lambda: loaded.encode(pixels, ids, mask),
-            "decode_step": lambda: loaded.decode_step(*step),
+    stepper = loaded.stepper
+    state = stepper.prefill(pixels, ids, mask)
+    for _ in range(past_len):
+        stepper.step(state)
+    # `step` replaces the state's arrays rather than writing into them: a shallow copy starts each call afresh.
+    return {"encode": lambda: stepper.prefill(pixels, ids, mask),
+            "decode_step": lambda: stepper.step(dataclasses.replace(state)),
             "score": lambda: loaded.score(pixels, ids, mask, ids, mask)}
 
 

@@ -97,8 +97,7 @@ class RawRunner:
 
         self.loaded = OnnxRuntime(OnnxRuntimeConfig(intra_op_threads=threads)).load(repo, repo.latest())
         self.pre = self.loaded.preprocessor
-        self.eos = int(self.loaded.manifest.model_config["eos_id"])
-        self.bos = int(self.loaded.manifest.model_config["bos_id"])
+        self.eos = self.pre.eos_id
 
     def generate(self, w: Workload, idx: list[int], max_new: int, temperature: float) -> int:
         """One static batch; returns the number of tokens generated."""
@@ -107,21 +106,18 @@ class RawRunner:
         pre, lv = self.pre, self.loaded
         pixels = pre.images([w.images[i] for i in idx])
         ids, mask = pre.prompts([w.prompts[i] for i in idx])
-        memory, memory_mask = lv.encode(pixels, ids, mask)
+        state = lv.stepper.prefill(pixels, ids, mask)
         B = len(idx)
         rngs = [sequence_rng(i, 0) for i in idx]
         temp, top_p = np.full(B, temperature), np.ones(B)
-        past = lv.empty_past(B)
-        token = np.full((B, 1), self.bos, dtype=np.int64)
         done = np.zeros(B, dtype=bool)
         out = []
-        for t in range(max_new):
-            logits, past = lv.decode_step(token, np.full((B, 1), t, dtype=np.int64), np.ones((B, t + 1), dtype=np.int64),
-                                          memory, memory_mask, past)
-            nxt, _ = sample_next(logits[:, -1], temp, top_p, np.array([r.random() for r in rngs]))
+        for _ in range(max_new):
+            logits = lv.stepper.step(state)
+            nxt, _ = sample_next(logits, temp, top_p, np.array([r.random() for r in rngs]))
             out.append(np.where(done, -1, nxt))
             done |= nxt == self.eos
-            token = nxt[:, None]
+            state.tokens = nxt
             if done.all():
                 break
         rows = np.stack(out, axis=1).tolist()
@@ -324,7 +320,7 @@ def bench(cfg: BenchConfig) -> dict:
         repo_dir = cfg.repo or quick_repository(Path(tmp))
         w = Workload.scenes()
         runner = RawRunner(ModelRepository(repo_dir), cfg.threads)
-        model_max = int(runner.loaded.manifest.model_config["max_response_tokens"])
+        model_max = runner.pre.config.max_response_tokens
         max_new = min(cfg.max_new_tokens or model_max, model_max)
         slice_s = cfg.seconds / cfg.rounds
         cells: list[Cell] = []

@@ -1,15 +1,17 @@
 """Continuous-batching generation: one loop, on a thread of its own or (in the server) as the main
 thread of the engine process (`engine_process`).
 
-Between two decode steps, new requests join (encoded together first) and finished, expired or
+Between two decode steps, new requests join (prefilled together first) and finished, expired or
 cancelled ones leave. Sequences are grouped by the model version their request started on, so a
 hot swap never moves a sequence to another model: during a swap two groups step side by side.
 
-Within a group, every sequence keeps its own KV cache as one row of a batched, left-padded cache:
-all rows grow by one token per step, so the previous step's `present` is the next step's `past`
-and nothing is copied unless the group's membership changes. A row's real cache is its rightmost
-`position` entries; the attention mask hides the padding on its left. Fused memories of different
-lengths are right-padded and masked the same way.
+The model side is the version's family `Stepper` (fuseloop.families): `prefill` turns prompts
+into rows of a `DecodeState`, `step` feeds one token per row. The batching here is the same for
+every family. Within a group, every sequence keeps its own KV cache as one row of a batched,
+left-padded cache: all rows grow by one token per step, so the previous step's `present` is the
+next step's `past` and nothing is copied unless the group's membership changes; the cache mask
+hides the padding on the left. Cross-attention memories of different lengths (none for a
+decoder-only family) are right-padded and masked the same way.
 
 An idle engine takes the first request at once (waiting at most the max queue delay, and only
 for requests it knows are being preprocessed: the engine process knows of none). A busy one admits arrivals when there are enough to
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fuseloop.families import DecodeState
 from fuseloop.preprocessing import pad_right
 from fuseloop.sampling import sample_next, sequence_rng
 from services.inference.metrics import InferenceMetrics
@@ -107,21 +110,16 @@ class GenerationJob:
 
 
 class DecodeGroup:
-    """The sequences of one model version, decoded together (see the module docstring)."""
+    """The sequences of one model version, decoded together (see the module docstring). The rows'
+    model state is the family's `DecodeState`; the group adds what sampling needs per row."""
 
     def __init__(self, loaded: LoadedVersion) -> None:
         self.loaded = loaded
-        c = loaded.manifest.model_config
-        self.eos_id = int(c["eos_id"])
-        self.bos_id = int(c["bos_id"])
+        self.eos_id = loaded.preprocessor.eos_id
+        self.state: DecodeState | None = None
         self.jobs: list[GenerationJob] = []  # per row
         self.index: list[int] = []  # candidate index per row
-        self.past = loaded.empty_past(0)
-        self.attention = np.zeros((0, 0), dtype=np.int64)
-        self.memory = np.zeros((0, 0, int(c["d_model"])), dtype=np.float32)
-        self.memory_mask = np.zeros((0, 0), dtype=np.int64)
-        self.tokens = np.zeros(0, dtype=np.int64)  # the token each row feeds next
-        self.positions = np.zeros(0, dtype=np.int64)  # = the row's real cache length
+        self.generated = np.zeros(0, dtype=np.int64)  # tokens each row has fed so far
         self.temperature = np.zeros(0)
         self.top_p = np.zeros(0)
         self.max_new = np.zeros(0, dtype=np.int64)
@@ -130,21 +128,13 @@ class DecodeGroup:
     def __len__(self) -> int:
         return len(self.jobs)
 
-    def add(self, jobs: list[GenerationJob], memory: np.ndarray, memory_mask: np.ndarray) -> None:
-        """Joins jobs' candidates with empty caches (all padding) and each job's memory row
-        (memory (J, M, d), one row per job) repeated per candidate."""
+    def add(self, jobs: list[GenerationJob], state: DecodeState) -> None:
+        """Joins jobs' candidates: `state` holds one prefilled row per job, repeated per candidate."""
         sizes = [j.size for j in jobs]
-        n = sum(sizes)
-        P = self.past.shape[3]
-        self.past = np.concatenate([self.past, np.zeros((n, *self.past.shape[1:]), dtype=self.past.dtype)])
-        self.attention = np.concatenate([self.attention, np.zeros((n, P), dtype=np.int64)])
-        M = max(self.memory.shape[1], memory.shape[1])
-        self.memory = np.concatenate([_pad_axis(self.memory, 1, M), np.repeat(_pad_axis(memory, 1, M), sizes, axis=0)])
-        self.memory_mask = np.concatenate([_pad_axis(self.memory_mask, 1, M),
-                                           np.repeat(_pad_axis(memory_mask, 1, M), sizes, axis=0)])
-        self.tokens = np.concatenate([self.tokens, np.full(n, self.bos_id, dtype=np.int64)])
-        self.positions = np.concatenate([self.positions, np.zeros(n, dtype=np.int64)])
+        rows = state.repeat(sizes)
+        self.state = rows if self.state is None else DecodeState.concat([self.state, rows])
         specs = [s for j in jobs for s in j.specs]
+        self.generated = np.concatenate([self.generated, np.zeros(len(specs), dtype=np.int64)])
         self.temperature = np.concatenate([self.temperature, [s.temperature for s in specs]])
         self.top_p = np.concatenate([self.top_p, [s.top_p for s in specs]])
         self.max_new = np.concatenate([self.max_new, np.array([s.max_new_tokens for s in specs], dtype=np.int64)])
@@ -159,38 +149,15 @@ class DecodeGroup:
         self.jobs = [self.jobs[i] for i in idx]
         self.index = [self.index[i] for i in idx]
         self.rngs = [self.rngs[i] for i in idx]
-        for name in ("tokens", "positions", "temperature", "top_p", "max_new", "past", "attention", "memory", "memory_mask"):
+        for name in ("generated", "temperature", "top_p", "max_new"):
             setattr(self, name, getattr(self, name)[idx])
-        P = self.past.shape[3]
-        need = int(self.positions.max()) if len(idx) else 0
-        if need < P:
-            self.past = self.past[:, :, :, P - need:]
-            self.attention = self.attention[:, P - need:]
-        M = int(self.memory_mask.sum(axis=1).max()) if len(idx) else 0
-        if M < self.memory.shape[1]:
-            self.memory = self.memory[:, :M]
-            self.memory_mask = self.memory_mask[:, :M]
+        self.state = self.state.take(idx) if len(idx) else None
 
     def step(self) -> np.ndarray:
         """Feeds each row's next token; returns the logits (B, V) for the token after it."""
-        B = len(self.jobs)
-        attention = np.concatenate([self.attention, np.ones((B, 1), dtype=np.int64)], axis=1)
-        logits, present = self.loaded.decode_step(self.tokens[:, None], self.positions[:, None], attention,
-                                                  self.memory, self.memory_mask, self.past)
-        self.past, self.attention = present, attention
-        self.positions = self.positions + 1
-        return logits[:, -1]
-
-
-def _pad_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
-    """Zero-pads `axis` on the right up to `size` (np.pad is slow for this hot path)."""
-    if x.shape[axis] >= size:
-        return x
-    shape = list(x.shape)
-    shape[axis] = size
-    out = np.zeros(shape, dtype=x.dtype)
-    out[tuple(slice(0, n) for n in x.shape)] = x
-    return out
+        logits = self.loaded.stepper.step(self.state)
+        self.generated = self.generated + 1
+        return logits
 
 
 @dataclass(frozen=True)
@@ -285,7 +252,7 @@ class GenerationEngine:
         return DeadlineExceeded("the deadline passed before generation finished")
 
     def _admit(self, jobs: list[GenerationJob]) -> None:
-        """Encodes arrivals, one batched call per version, and adds them to their version's group."""
+        """Prefills arrivals, one batched call per version, and adds them to their version's group."""
         by_version: dict[LoadedVersion, list[GenerationJob]] = {}
         for job in jobs:
             by_version.setdefault(job.loaded, []).append(job)
@@ -294,9 +261,9 @@ class GenerationEngine:
             prompt_ids, prompt_mask = pad_right([j.prompt_ids for j in group_jobs], loaded.preprocessor.pad_id)
             pixels = np.stack([j.pixels for j in group_jobs])
             try:
-                memory, memory_mask = loaded.encode(pixels, prompt_ids, prompt_mask)
+                state = loaded.stepper.prefill(pixels, prompt_ids, prompt_mask)
             except Exception as e:
-                log.exception("encode failed for version %s", loaded.version)
+                log.exception("prefill failed for version %s", loaded.version)
                 for job in group_jobs:
                     job._finish(ModelFailure(f"the model failed to encode the request: {e}"))
                 continue
@@ -305,7 +272,7 @@ class GenerationEngine:
                 group = self.groups[loaded] = DecodeGroup(loaded)
             for job in group_jobs:
                 job.started_at = now
-            group.add(group_jobs, memory, memory_mask)
+            group.add(group_jobs, state)
             if self.metrics:
                 self.metrics.encode_batch.observe(len(group_jobs))
                 for job in group_jobs:
@@ -331,8 +298,8 @@ class GenerationEngine:
         B = len(group)
         uniforms = np.array([rng.random() if rng is not None else 0.0 for rng in group.rngs])
         tokens, logprobs = sample_next(logits, group.temperature, group.top_p, uniforms)
-        group.tokens = tokens
-        finished = (tokens == group.eos_id) | (group.positions >= group.max_new)
+        group.state.tokens = tokens
+        finished = (tokens == group.eos_id) | (group.generated >= group.max_new)
         streamed: dict[GenerationJob, list[tuple[int, int]]] = {}
         tok_list, lp_list, fin_list = tokens.tolist(), logprobs.tolist(), finished.tolist()
         for r in range(B):

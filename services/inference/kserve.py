@@ -28,7 +28,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import np_to_triton_dtype
 
-from fuseloop.repository import DECODER, ENCODER, MODELS, REWARD, RepositoryError
+from fuseloop.repository import MODELS, RepositoryError
 from services.inference.admin import AdminAuth
 from services.inference.deployment import Deployment, Lease, ServedVersion
 from services.inference.batching import Batcher
@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 PLATFORM = "onnxruntime_onnx"
 QUEUE_STATUS = {QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED, QueueClosed: grpc.StatusCode.UNAVAILABLE,
                 DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED, Cancelled: grpc.StatusCode.CANCELLED}
+
+
 def read_model_config(path) -> model_config_pb2.ModelConfig:
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 

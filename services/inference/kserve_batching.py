@@ -16,12 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fuseloop.repository import DECODER, ENCODER, REWARD, TensorSpec
+from fuseloop.repository import TensorSpec
 from services.inference.batching import BatchJob
 from services.inference.runtime.base import LoadedVersion
 
-# The LoadedVersion call behind each model; its parameters are named like the graph's inputs.
-CALLS = {ENCODER: "encode", DECODER: "decode_step", REWARD: "score"}
 
 
 @dataclass(frozen=True)
@@ -64,8 +62,7 @@ class Signatures:
 def run_model(loaded: LoadedVersion, model: str, inputs: dict[str, np.ndarray],
               output_names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """One graph of a loaded version, by tensor names (the manifest's signature)."""
-    result = getattr(loaded, CALLS[model])(**inputs)
-    outputs = result if isinstance(result, tuple) else (result,)
+    outputs = loaded.run(model, inputs)
     return dict(zip(output_names or [t.name for t in loaded.manifest.io(model, "outputs")], outputs))
 
 

@@ -191,7 +191,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
 
     # -- steps ----------------------------------------------------------------------------------
     def _max_tokens(self, loaded: LoadedVersion) -> int:
-        return int(loaded.manifest.model_config["max_response_tokens"])
+        return loaded.preprocessor.config.max_response_tokens
 
     async def _inputs(self, loaded: LoadedVersion, image: bytes, prompt: str, for_engine: bool = False
                       ) -> tuple[np.ndarray | bytes, list[int]]:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fuseloop.errors import UserError
+from fuseloop.families import Stepper, family_for
 from fuseloop.preprocessing import Preprocessor
 from fuseloop.repository import Manifest, ModelRepository, RepositoryError, TensorSpec
 from fuseloop.tokenizer import load_tokenizer
@@ -21,32 +23,37 @@ class RuntimeError_(Exception):
 
 
 class LoadedVersion(ABC):
-    """One fused model version, loaded and ready: three batched calls."""
+    """One fused model version, loaded and ready: its graphs run by name (`run`), and the family's
+    stepper over them, which the engine prefills and steps, and scoring scores with."""
 
     def __init__(self, version: int, manifest: Manifest, preprocessor: Preprocessor) -> None:
         self.version = version
         self.manifest = manifest
         self.preprocessor = preprocessor
+        try:
+            family = family_for(manifest)
+        except UserError as e:  # e.g. a version written by a newer fuseloop
+            raise RepositoryError(f"version {version}: {e}") from None
+        self.stepper: Stepper = family.stepper(manifest.model_config, self.run)
 
     @abstractmethod
-    def encode(self, pixel_values: np.ndarray, prompt_ids: np.ndarray, prompt_mask: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """-> memory (B, M, d) float32, memory_mask (B, M) int64."""
+    def run(self, model: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One graph, its inputs by name -> its outputs in the manifest's order."""
 
-    @abstractmethod
-    def decode_step(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-                    memory: np.ndarray, memory_mask: np.ndarray, past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """-> logits (B, T, V) float32, present (B, 2L, H, P+T, hd) float32."""
-
-    @abstractmethod
     def score(self, pixel_values: np.ndarray, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
               response_ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
         """-> rewards (B,) float32."""
+        return self.stepper.score(pixel_values, prompt_ids, prompt_mask, response_ids, response_mask)
 
-    def empty_past(self, batch: int) -> np.ndarray:
-        c = self.manifest.model_config
-        return np.zeros((batch, 2 * c["n_decoder_layers"], c["n_heads"], 0, c["d_model"] // c["n_heads"]),
-                        dtype=np.float32)
+    def warm_up(self) -> None:
+        """One call through each graph, so the first real request doesn't pay for initialization."""
+        pre = self.preprocessor
+        size = pre.config.image_size
+        pixels = np.zeros((1, 3, size, size), dtype=np.float32)
+        ids = np.array([[pre.bos_id]], dtype=np.int64)
+        mask = np.ones((1, 1), dtype=np.int64)
+        self.stepper.step(self.stepper.prefill(pixels, ids, mask))
+        self.score(pixels, ids, mask, ids, mask)
 
     def metadata(self) -> dict:
         return {"version": self.version, "parent_version": self.manifest.parent_version,

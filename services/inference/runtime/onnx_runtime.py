@@ -6,10 +6,9 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import onnxruntime as ort
 
-from fuseloop.repository import DECODER, ENCODER, MODELS, REWARD, ModelRepository, TensorSpec
+from fuseloop.repository import ENCODER, MODELS, ModelRepository, TensorSpec
 from services.inference.runtime.base import LoadedVersion, ModelRuntime, check_signature, load_preprocessor
 
 ORT_TO_KSERVE = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(int32)": "INT32",
@@ -52,22 +51,8 @@ class OnnxVersion(LoadedVersion):
         # get_available_providers() lists CUDA even without a GPU; what a session got is the truth.
         return self.sessions[ENCODER].get_providers()
 
-    def encode(self, pixel_values, prompt_ids, prompt_mask):
-        memory, memory_mask = self.sessions[ENCODER].run(
-            None, {"pixel_values": pixel_values, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask})
-        return memory, memory_mask
-
-    def decode_step(self, input_ids, position_ids, attention_mask, memory, memory_mask, past):
-        logits, present = self.sessions[DECODER].run(None, {
-            "input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
-            "memory": memory, "memory_mask": memory_mask, "past": past})
-        return logits, present
-
-    def score(self, pixel_values, prompt_ids, prompt_mask, response_ids, response_mask):
-        (reward,) = self.sessions[REWARD].run(None, {
-            "pixel_values": pixel_values, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-            "response_ids": response_ids, "response_mask": response_mask})
-        return reward
+    def run(self, model, inputs):
+        return self.sessions[model].run(None, inputs)
 
     def metadata(self) -> dict:
         return {**super().metadata(), "providers": self.providers}
@@ -102,17 +87,6 @@ class OnnxRuntime(ModelRuntime):
             check_signature(version, model, manifest.io(model, "outputs"), _specs(sess.get_outputs()))
             sessions[model] = sess
         loaded = OnnxVersion(version, manifest, load_preprocessor(repo, version, manifest), sessions)
-        warm_up(loaded)
+        loaded.warm_up()
         return loaded
 
-
-def warm_up(loaded: LoadedVersion) -> None:
-    """One call through each graph, so the first real request doesn't pay for initialization."""
-    pre = loaded.preprocessor
-    size = pre.config.image_size
-    pixels = np.zeros((1, 3, size, size), dtype=np.float32)
-    ids = np.array([[pre.bos_id]], dtype=np.int64)
-    mask = np.ones((1, 1), dtype=np.int64)
-    memory, memory_mask = loaded.encode(pixels, ids, mask)
-    loaded.decode_step(ids, np.zeros((1, 1), dtype=np.int64), mask, memory, memory_mask, loaded.empty_past(1))
-    loaded.score(pixels, ids, mask, ids, mask)

@@ -41,9 +41,8 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-from fuseloop.repository import DECODER, ENCODER, MODELS, REWARD, Manifest, ModelRepository, RepositoryError, TensorSpec
+from fuseloop.repository import MODELS, Manifest, ModelRepository, RepositoryError, TensorSpec
 from services.inference.runtime.base import LoadedVersion, ModelRuntime, RuntimeError_, check_signature, load_preprocessor
-from services.inference.runtime.onnx_runtime import warm_up
 
 SCHEME = "triton://"
 CONFIG_FILE = "config.pbtxt"
@@ -141,24 +140,7 @@ class TritonVersion(LoadedVersion):
         self._requested = {m: [triton.InferRequestedOutput(n) for n in names] for m, names in self._outputs.items()}
         self._closed = False
 
-    def encode(self, pixel_values, prompt_ids, prompt_mask):
-        memory, memory_mask = self._infer(ENCODER, {
-            "pixel_values": pixel_values, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask})
-        return memory, memory_mask
-
-    def decode_step(self, input_ids, position_ids, attention_mask, memory, memory_mask, past):
-        logits, present = self._infer(DECODER, {
-            "input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
-            "memory": memory, "memory_mask": memory_mask, "past": past})
-        return logits, present
-
-    def score(self, pixel_values, prompt_ids, prompt_mask, response_ids, response_mask):
-        (reward,) = self._infer(REWARD, {
-            "pixel_values": pixel_values, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-            "response_ids": response_ids, "response_mask": response_mask})
-        return reward
-
-    def _infer(self, model: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, model: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         batch = len(next(iter(feeds.values())))
         limit = self.max_batch.get(model, 0)
         if limit <= 0 or batch <= limit:
@@ -273,7 +255,7 @@ class TritonRuntime(ModelRuntime):
             with self._held_lock:
                 self._held[version] = self._held.get(version, 0) + 1
         try:
-            warm_up(loaded)
+            loaded.warm_up()
         except BaseException:
             loaded.close()
             raise

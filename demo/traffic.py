@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from fuseloop.demo.simulated_users import Shown, SimulatedUser, UserModel
+from demo.simulated_users import Shown, SimulatedUser, UserModel
 from fuseloop.events import SIGNALS
 from fuseloop.scenes import GoldOracle, SceneTaskConfig, make_examples, png_bytes, render
 from fuseloop.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, inference_pb2, inference_pb2_grpc

@@ -12,13 +12,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from demo.report import print_round_table, write_report_png
+from demo.simulated_users import UserModel
+from demo.traffic import Traffic
 from fuseloop.bus import TopicConfig
 from fuseloop.bus.url import open_bus
 from fuseloop.checkpoint import Checkpoint
 from fuseloop.config_file import build
-from fuseloop.demo.report import print_round_table, write_report_png
-from fuseloop.demo.simulated_users import UserModel
-from fuseloop.demo.traffic import Traffic
 from fuseloop.repository import ModelRepository
 from fuseloop.scenes import SceneTaskConfig, make_split
 from trainer.deploy import AdminDeployer
@@ -81,7 +81,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     test = make_split("test", cfg.gold_examples, task)
 
     def gold(policy) -> float:
-        return gold_accuracy(policy, ckpt.preprocessor, test).accuracy
+        return gold_accuracy(ckpt.family, policy, ckpt.preprocessor, test).accuracy
 
     base_gold = gold(ckpt.policy)
     bus_url = cfg.bus or f"sqlite:///{(out / 'bus.db').resolve()}"
