@@ -20,9 +20,9 @@ from fuseloop.bus.url import open_bus
 from fuseloop.checkpoint import Checkpoint
 from fuseloop.config_file import build
 from fuseloop.repository import ModelRepository
-from fuseloop.scenes import SceneTaskConfig, make_split
+from fuseloop.scenes import SceneTaskConfig, make_split, png_bytes, render
 from trainer.deploy import AdminDeployer
-from trainer.evaluate import gold_accuracy
+from trainer.eval_set import EvalItem, EvalSet, write_eval_set
 from trainer.export import publish
 from trainer.pretrain import PretrainConfig, pretrain
 from trainer.round import TrainConfig, Trainer
@@ -78,12 +78,13 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     publish(ckpt, repo, metrics=base_metrics, lineage={"source": "pretrain"})
 
     task = SceneTaskConfig(image_size=ckpt.preprocessor.config.image_size)
-    test = make_split("test", cfg.gold_examples, task)
-
-    def gold(policy) -> float:
-        return gold_accuracy(ckpt.family, policy, ckpt.preprocessor, test).accuracy
-
-    base_gold = gold(ckpt.policy)
+    # The gold oracle, written out as an eval set: the demo gates exactly as production would.
+    eval_path = out / "eval-set.jsonl"
+    write_eval_set(eval_path, [EvalItem(png_bytes(render(e.scene, task)), e.prompt, (e.answer,),
+                                        "clauses" if e.kind == "describe" else "normalized")
+                               for e in make_split("test", cfg.gold_examples, task)])
+    eval_set = EvalSet.from_file(eval_path)
+    base_gold = eval_set.accuracy(ckpt.family, ckpt.policy, ckpt.preprocessor)
     bus_url = cfg.bus or f"sqlite:///{(out / 'bus.db').resolve()}"
     bus = open_bus(bus_url, client_id="fuseloop-demo", spool_dir=str(out / "spool"))
     topics = TopicConfig()
@@ -97,7 +98,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                               bus).start()
     traffic = Traffic(inference.address, feedback.address, app_token, cfg.users, cfg.user_model, task, cfg.seed)
     trainer = Trainer(train_config, bus, repo, topics,
-                      deployer=AdminDeployer(inference.address, admin_token), gold=gold)
+                      deployer=AdminDeployer(inference.address, admin_token), eval_set=eval_set)
     rounds = []
     try:
         traffic.start()

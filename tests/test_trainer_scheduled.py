@@ -41,7 +41,7 @@ def test_rounds_start_when_enough_feedback_waits_and_stop_on_the_signal():
 
 def test_refusals_are_labelled_by_the_gate_check():
     assert gate_check("reward-model score 0.1 does not beat serving 0.2 by more than 0.0") == "reward"
-    assert gate_check("gold accuracy 0.8 does not beat serving 0.8") == "gold"
+    assert gate_check("eval-set accuracy 0.7 is below serving's 0.8 by more than the margin 0") == "eval_set"
     assert gate_check("KL to the reference 4.0 is over the budget 3.0") == "kl"
 
 

@@ -33,6 +33,7 @@ def _train(args: argparse.Namespace) -> int:
     from fuseloop.config_file import to_toml
     from fuseloop.repository import ModelRepository
     from trainer.deploy import make_deployer
+    from trainer.eval_set import EvalSet
     from trainer.rollout import RolloutController
     from trainer.round import Trainer
     from trainer.schedule import Schedule, StopSignals, parse_duration, pending_feedback, run_scheduled
@@ -55,7 +56,9 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as e:  # a malformed bus URL
         raise UserError(str(e)) from None
     repo = ModelRepository(Path(args.repo))
-    trainer = Trainer(config, bus, repo, topics, deployer=make_deployer(args.deploy_to, args.admin_token, repo))
+    eval_set = EvalSet.from_file(Path(args.eval_set), args.eval_scorer) if args.eval_set else None
+    trainer = Trainer(config, bus, repo, topics, deployer=make_deployer(args.deploy_to, args.admin_token, repo),
+                      eval_set=eval_set)
     # Scheduled, the trainer also judges its canaries between rounds (as `fuseloop rollout watch` does).
     judge = RolloutController(bus, repo, topics, config.rollout, config.weights, report_dir=config.workdir) \
         if scheduled else None
@@ -192,6 +195,10 @@ def add_parsers(sub: argparse._SubParsersAction, bench: argparse._SubParsersActi
     p.add_argument("--config", help="TOML file setting TrainConfig fields, nested: [policy] kl_beta = 0.05")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override one field, e.g. policy.kl_beta=0.05 (repeatable; wins over --config)")
+    p.add_argument("--eval-set", help="JSONL of {image | image_base64, prompt, answers[, match]}: the gate refuses a "
+                                      "candidate worse on it than serving by more than gate.eval_margin")
+    p.add_argument("--eval-scorer", help="package.module:function(accepted_answers, answer) -> [0, 1], "
+                                         "instead of matching answers")
     p.add_argument("--print-config", action="store_true", help="print the effective config as TOML and exit")
     p.add_argument("--every", help="scheduled: a round at least this often (90s, 10m, 2h) until SIGTERM")
     p.add_argument("--when-feedback", type=int, help="scheduled: a round once this many feedback events wait")

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from fuseloop.errors import ConfigError
+from fuseloop.families import ModelFamily
 from fuseloop.preprocessing import Preprocessor
 
 Scorer = Callable[[Sequence[str], str], float]
@@ -44,8 +45,8 @@ def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
 
 
-def _clauses(text: str) -> frozenset[str]:
-    return frozenset(c.strip() for c in normalize(text).split(" and ") if c.strip())
+def _clauses(text: str) -> tuple[str, ...]:
+    return tuple(sorted(c.strip() for c in normalize(text).split(" and ") if c.strip()))
 
 
 def match_score(item: EvalItem, answer: str) -> float:
@@ -144,7 +145,7 @@ class EvalSet:
             return sum(float(self.scorer(it.answers, a)) for it, a in zip(self.items, answers)) / len(self.items)
         return sum(match_score(it, a) for it, a in zip(self.items, answers)) / len(self.items)
 
-    def answers(self, family, policy: torch.nn.Module, pre: Preprocessor) -> list[str]:
+    def answers(self, family: ModelFamily, policy: torch.nn.Module, pre: Preprocessor) -> list[str]:
         """Greedy answers, through the one preprocessing home (images the way serving decodes them)."""
         policy.eval()
         out: list[str] = []
@@ -157,5 +158,5 @@ class EvalSet:
                 out += [pre.decode(row.tolist()) for row in tokens]
         return out
 
-    def accuracy(self, family, policy: torch.nn.Module, pre: Preprocessor) -> float:
+    def accuracy(self, family: ModelFamily, policy: torch.nn.Module, pre: Preprocessor) -> float:
         return self.score(self.answers(family, policy, pre))

@@ -19,6 +19,7 @@ from fuseloop.repository import ModelRepository, RepositoryError
 from trainer.batches import ContextTensors
 from trainer.deploy import Deployer
 from trainer.rollout import RolloutConfig
+from trainer.eval_set import EvalSet
 from trainer.export import publish
 from trainer.gate import GateConfig, GoldCheck, run_gate
 from trainer.ingest import IngestConfig, Ingestor
@@ -100,9 +101,9 @@ def merge_lineage(parts: list[dict]) -> dict:
 class Trainer:
     def __init__(self, config: TrainConfig, bus: EventBus, repo: ModelRepository, topics: TopicConfig = TopicConfig(),
                  deployer: Deployer | None = None, gold: GoldCheck | None = None,
-                 group: ProcessGroup = ProcessGroup()) -> None:
+                 group: ProcessGroup = ProcessGroup(), eval_set: EvalSet | None = None) -> None:
         self.config, self.bus, self.repo, self.topics = config, bus, repo, topics
-        self.deployer, self.gold, self.group = deployer, gold, group
+        self.deployer, self.gold, self.group, self.eval_set = deployer, gold, group, eval_set
         Path(config.workdir).mkdir(parents=True, exist_ok=True)
         self.store = DatasetStore(Path(config.workdir) / "dataset.db")
         self.ingestor = Ingestor(bus, self.store, topics, config.ingest)
@@ -165,7 +166,7 @@ class Trainer:
         if not self.group.is_leader:  # the leader gates and publishes; _finish waits for its outcome
             return self._finish(round_, report, t0)
         gate = run_gate(ckpt.family, ckpt.policy, serving_policy, ckpt.reward, tensors, held_all, kl, self.config.gate,
-                        self.gold)
+                        self._labeled_check(ckpt))
         report["gate"] = gate.to_dict()
         timings["gate"], t = round(time.perf_counter() - t, 1), time.perf_counter()
         workdir = Path(self.config.workdir)
@@ -211,12 +212,23 @@ class Trainer:
         report["unjoined_dead_lettered"] = len(expired)
         report["unjoined_waiting"] = len(unjoined) - len(expired)
 
+    def _labeled_check(self, ckpt: Checkpoint) -> GoldCheck | None:
+        """Accuracy on labeled data for the gate: a given check, or the eval set, through the
+        checkpoint's own family and preprocessing."""
+        if self.gold is not None:
+            return self.gold
+        if self.eval_set is not None:
+            eval_set = self.eval_set
+            return lambda policy: eval_set.accuracy(ckpt.family, policy, ckpt.preprocessor)
+        return None
+
     def _finish(self, round_: int, report: dict, t0: float) -> dict:
         report = self.group.from_leader(report)
         report["seconds"] = round(time.perf_counter() - t0, 1)
-        if self.gold is not None and "gold_accuracy" not in report:
+        if (self.gold is not None or self.eval_set is not None) and "gold_accuracy" not in report:
             served = self.base_version() if not report["deployed"] else report["version"]
-            report["gold_accuracy"] = self.gold(Checkpoint.load(self.repo.checkpoint_dir(served)).policy)
+            served_ckpt = Checkpoint.load(self.repo.checkpoint_dir(served))
+            report["gold_accuracy"] = self._labeled_check(served_ckpt)(served_ckpt.policy)
         self.store.save_round(round_, report)
         self._write_metrics(report)
         return report

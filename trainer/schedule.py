@@ -55,7 +55,7 @@ class TrainerMetrics:
         self.rounds = Counter("fuseloop_trainer_rounds", "rounds finished, by outcome "
                               "(deployed, published, refused, skipped)", ["outcome"], registry=r)
         self.refused = Counter("fuseloop_trainer_refused", "candidates the gate refused, by check "
-                               "(reward, gold, kl)", ["reason"], registry=r)
+                               "(reward, eval_set, kl)", ["reason"], registry=r)
         self.abandoned = Counter("fuseloop_trainer_rounds_abandoned", "rounds abandoned on a signal", registry=r)
         self.phase = Histogram("fuseloop_trainer_phase_seconds", "seconds per phase of a round", ["phase"],
                                buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800), registry=r)
@@ -85,7 +85,7 @@ class TrainerMetrics:
 
 def gate_check(reason: str) -> str:
     """The gate check a refusal reason names (a bounded label set for Prometheus)."""
-    for key, label in (("reward-model", "reward"), ("gold", "gold"), ("KL", "kl")):
+    for key, label in (("reward-model", "reward"), ("eval-set", "eval_set"), ("KL", "kl")):
         if reason.startswith(key):
             return label
     return "other"
