@@ -165,7 +165,7 @@ def test_every_graph_matches_pytorch(family, batch, prompt_len, past_len, new_le
         expected = expected if isinstance(expected, tuple) else (expected,)
         got = run(family.sessions[name], **feed)
         assert len(got) == len(expected), name
-        if name == "decoder":
+        if name == family.module.DECODER:
             # Only real positions are ever read: a padded query attends to nothing.
             real = feed["attention_mask"].bool().numpy()
             np.testing.assert_allclose(got[0][real[:, past_len:]], expected[0].numpy()[real[:, past_len:]], atol=1e-4)
@@ -204,7 +204,7 @@ def test_reward_graph_equals_torch_and_ignores_padding(family):
     with torch.no_grad():
         rewards = family.reward(*batch)
         alone = torch.cat([family.reward(*family.batch([e], [r])) for e, r in zip(exs, responses)])
-    (got,) = run(family.sessions["reward"], **dict(zip(
+    (got,) = run(family.sessions[family.module.REWARD], **dict(zip(
         ["pixel_values", "prompt_ids", "prompt_mask", "response_ids", "response_mask"], batch)))
     assert got.shape == (4,) and got.dtype == np.float32
     np.testing.assert_allclose(got, rewards.numpy(), atol=1e-5)
@@ -280,8 +280,8 @@ def _onnx_logprobs(family, pixels, ids, mask, r_ids, r_mask) -> np.ndarray:
         embeds = hf_llava.splice_numpy(full, embeds, features, family.bundle.image_token_id)
         logits, _ = run(s["decoder"], inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, past=past)
     else:
-        (enc,) = run(s["encoder"], pixel_values=pixels)
-        logits, _ = run(s["decoder"], input_ids=full, attention_mask=full_mask, position_ids=pos,
+        (enc,) = run(s[family.module.ENCODER], pixel_values=pixels)
+        logits, _ = run(s[family.module.DECODER], input_ids=full, attention_mask=full_mask, position_ids=pos,
                         encoder_hidden_states=enc, past=past)
     out = hf_layout.response_logprobs(torch.from_numpy(logits), r_ids, r_mask)
     return out.numpy()
