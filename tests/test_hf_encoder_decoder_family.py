@@ -4,15 +4,13 @@ repository, and the inference server serves it through the family's stepper with
 own batching: greedy Generate answers what the torch policy's `generate` answers, and Score what
 its reward model says.
 
-One tiny random model (wide init, so greedy answers differ by image and prompt) is built and
-published once per session.
+The tiny random model (wide init, so greedy answers differ by image and prompt) is built and
+published once per session, shared with tests/test_hf_families.py (tests/fixtures_hf.py).
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,40 +19,22 @@ import torch
 
 from fuseloop.checkpoint import Checkpoint
 from fuseloop.families import DecodeState, family_for
-from fuseloop.families.hf_encoder_decoder import HFEncoderDecoderFamily, HFEncoderDecoderStepper, load
-from fuseloop.preprocessing import PreprocessConfig, Preprocessor
-from fuseloop.repository import Manifest, ModelRepository
+from fuseloop.families.hf_encoder_decoder import HFEncoderDecoderFamily, HFEncoderDecoderStepper
+from fuseloop.preprocessing import Preprocessor
 from fuseloop.scenes import make_split, png_bytes, render
-from fuseloop.families.tiny import TinyConfig, build_encoder_decoder
-from fuseloop.tokenizer import load_tokenizer
-from fuseloop.v1 import inference_pb2, inference_pb2_grpc, events_pb2
+from fuseloop.v1 import events_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.config import InferenceServiceConfig
 from services.inference.runtime.onnx_runtime import OnnxRuntime, OnnxRuntimeConfig
 from services.inference.server import InferenceServer, ServerThread
-from trainer.export import publish
+from tests.fixtures_hf import MAX_NEW, FamilyRun
 
 EXAMPLES = make_split("validation", 6)
-MAX_NEW = 12
-
-
-@dataclass
-class Published:
-    model_dir: Path
-    ckpt: Checkpoint
-    repo: ModelRepository
-    manifest: Manifest
 
 
 @pytest.fixture(scope="session")
-def published(tmp_path_factory) -> Published:
-    root = tmp_path_factory.mktemp("hf-encoder-decoder-family")
-    model_dir = build_encoder_decoder(root / "model", TinyConfig(init_std=0.2))
-    family = family_for("hf-encoder-decoder")
-    policy = family.load_policy(model_dir).eval()
-    preprocessor = Preprocessor(load_tokenizer(model_dir), PreprocessConfig())
-    ckpt = Checkpoint(family, policy, family.reward_model_from_policy(policy).eval(), preprocessor)
-    repo = ModelRepository(root / "repo")
-    return Published(model_dir, ckpt, repo, publish(ckpt, repo))
+def published(hf_family_runs) -> FamilyRun:
+    """The session's encoder-decoder run: its checkpoint (`ckpt`), published as version 1 of `repo`."""
+    return hf_family_runs["encoder_decoder"]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +56,7 @@ def test_the_family_is_registered_and_the_preprocessor_prompts_as_the_model_expe
     assert isinstance(family_for("hf-encoder-decoder"), HFEncoderDecoderFamily)
     # The checkpoint tokenizer's chat template makes the Preprocessor's prompt ids the decoder
     # prefix hf_encoder_decoder feeds (BOS, prompt, SEP); its pixels are the image processor's.
-    bundle = load(published.model_dir)
+    bundle = published.bundle
     images, prompts = [render(e.scene) for e in EXAMPLES], [e.prompt for e in EXAMPLES]
     pixels, ids, mask = bundle.inputs(images, prompts)
     pre = published.ckpt.preprocessor
