@@ -10,6 +10,8 @@ published once per session, shared with tests/test_hf_families.py (tests/fixture
 
 from __future__ import annotations
 
+import copy
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -21,12 +23,14 @@ from fuseloop.checkpoint import Checkpoint
 from fuseloop.families import DecodeState, family_for
 from fuseloop.families.hf_encoder_decoder import HFEncoderDecoderFamily, HFEncoderDecoderStepper
 from fuseloop.preprocessing import Preprocessor
+from fuseloop.repository import MODELS, ModelRepository
 from fuseloop.scenes import make_split, png_bytes, render
 from fuseloop.v1 import events_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.config import InferenceServiceConfig
 from services.inference.runtime.onnx_runtime import OnnxRuntime, OnnxRuntimeConfig
 from services.inference.server import InferenceServer, ServerThread
 from tests.fixtures_hf import MAX_NEW, FamilyRun
+from trainer.export import publish, same_architecture_graphs, swap_weights
 
 EXAMPLES = make_split("validation", 6)
 
@@ -131,3 +135,18 @@ def test_rows_prefilled_apart_decode_together_as_they_do_alone(published):
     np.testing.assert_allclose(together[1:], stepper.step(rest), atol=1e-4)
     kept = group.take(np.array([1, 2]))
     np.testing.assert_allclose(stepper.step(kept), stepper.step(rest), atol=1e-4)
+
+
+def test_a_later_version_of_the_same_architecture_swaps_its_weights_into_the_parents_graphs(published, tmp_path):
+    repo = ModelRepository(shutil.copytree(published.repo.root, tmp_path / "repo"))
+    ckpt = published.ckpt
+    policy = copy.deepcopy(ckpt.policy)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    child = Checkpoint(ckpt.family, policy, ckpt.family.reward_model_from_policy(policy).eval(), ckpt.preprocessor)
+    templates = same_architecture_graphs(repo, child)
+    graphs = child.family.graphs(child.policy, child.reward)
+    assert all(swap_weights(templates[m], graphs[m].module, tmp_path / f"{m}.onnx") for m in MODELS)
+    manifest = publish(child, repo, parent_version=1)
+    assert manifest.metrics["export_max_abs_diff"] < 1e-4  # ONNX Runtime on the child's weights == the child

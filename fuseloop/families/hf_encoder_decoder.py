@@ -9,11 +9,11 @@ template, so served and trained prompt ids are this prefix, right-padded. Graphs
   model's enc_to_dec projection, when it has one);
 - decoder: input_ids (B, T) i64, attention_mask (B, P+T) i64, position_ids (B, T) i64,
   encoder_hidden_states (B, N, d) f32, past (B, 2L, H, P, hd) f32 -> logits (B, T, V) f32,
-  present (B, 2L, H, P+T, hd) f32. One graph for prefill (P = 0, T = prompt) and decode (T = 1).
+  present (B, 2L, H, P+T, hd) f32. One graph for the prompt (P = 0) and each decode step (T = 1).
   Cross-attention keys are recomputed from encoder_hidden_states each call, so the only cache is
   the packed self-attention `past` (see hf_layout);
 - reward: pixel_values, prompt_ids (B, S), prompt_mask (B, S), response_ids (B, R),
-  response_mask (B, R) -> rewards (B,) f32.
+  response_mask (B, R) -> rewards (B,) f32 (prompts padded on either side).
 """
 
 from __future__ import annotations
@@ -208,17 +208,15 @@ def onnx_generate(sessions: dict, bundle: EncoderDecoderBundle, pixel_values: np
     stepper = HFEncoderDecoderStepper(config_dict(bundle.model.config), lambda name, feed: sessions[name].run(None, feed))
     pixel_values, prompt_ids, prompt_mask = (np.asarray(a) for a in (pixel_values, prompt_ids, prompt_mask))
     state = stepper.prefill(pixel_values, *_right_aligned(prompt_ids, prompt_mask))
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        state.tokens = tokens.numpy()
+        return torch.from_numpy(stepper.step(state))
+
     tok = bundle.tokenizer
-    done = np.zeros(len(state), dtype=bool)
-    out = []
-    for _ in range(max_new_tokens):
-        nxt = np.where(done, tok.pad_token_id, stepper.step(state).argmax(-1)).astype(np.int64)
-        out.append(nxt)
-        done |= nxt == tok.eos_token_id
-        if done.all():
-            break
-        state.tokens = nxt
-    return np.stack(out, axis=1)
+    tokens, _ = sample_loop(step, torch.from_numpy(state.tokens), max_new_tokens, tok.eos_token_id, tok.pad_token_id,
+                            temperature=0.0)
+    return tokens.numpy()
 
 
 def _right_aligned(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
