@@ -4,9 +4,9 @@ loaded with local_files_only, their ONNX graphs against PyTorch, greedy ONNX gen
 
 Each family runs the pipeline once per session (tests/fixtures_hf.py): build -> LoRA steps on the
 task -> merge -> save -> reload -> export (the encoder-decoder's through `trainer.export.publish`,
-which tests/test_hf_encoder_decoder_family.py serves). Every test reads from that one run. The models are random, initialized wide
-(init_std) so that their greedy answers differ by image and prompt, which gives the token-for-token
-checks their teeth without spending time on training.
+which tests/test_hf_encoder_decoder_family.py serves). Every test reads from that one run. The
+models are random, initialized wide (init_std) so that their greedy answers differ by image and
+prompt, which gives the token-for-token checks their teeth without spending time on training.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, \
     VisionEncoderDecoderModel
 
-from fuseloop.families import hf_encoder_decoder, hf_layout, hf_llava, hf_lora
+from fuseloop.families import hf_layout, hf_llava, hf_lora
 from fuseloop.families.hf_onnx import run
 from fuseloop.families.tiny import IMAGE_TOKEN
 from fuseloop.preprocessing import PreprocessConfig, Preprocessor

@@ -336,4 +336,5 @@ class HFEncoderDecoderFamily(ModelFamily):
 
     # -- serving -------------------------------------------------------------------------------
     def graphs(self, policy: nn.Module, reward: nn.Module, batch: int = 2, seed: int = 0) -> dict[str, Graph]:
+        # The graphs and their example inputs read only the model, not the tokenizer or image processor.
         return graphs(EncoderDecoderBundle(policy, None, None), reward, batch=batch, seed=seed)
