@@ -8,6 +8,7 @@ policy, the reward model, and torch generation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -288,19 +289,36 @@ def generate(
     device = prompt_ids.device
     memory, memory_mask = policy.encoder(pixel_values, prompt_ids, prompt_mask)
     past = policy.decoder.empty_past(B, device)
-    token = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, logps = [], []
-    for t in range(min(max_new_tokens, cfg.max_response_tokens)):
+    t = 0
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        nonlocal past, t
         positions = torch.full((B, 1), t, dtype=torch.long, device=device)
         mask = torch.ones(B, t + 1, dtype=torch.long, device=device)
-        logits, past = policy.decode_step(token, positions, mask, memory, memory_mask, past)
-        nxt, logp = sample_tokens(logits[:, -1].float(), temperature, top_p, generator)
-        nxt = torch.where(done, torch.full_like(nxt, cfg.pad_id), nxt)
+        logits, past = policy.decode_step(token[:, None], positions, mask, memory, memory_mask, past)
+        t += 1
+        return logits[:, -1]
+
+    first = torch.full((B,), cfg.bos_id, dtype=torch.long, device=device)
+    return sample_loop(step, first, min(max_new_tokens, cfg.max_response_tokens), cfg.eos_id, cfg.pad_id,
+                       temperature, top_p, generator)
+
+
+def sample_loop(step: Callable[[torch.Tensor], torch.Tensor], first: torch.Tensor, max_new_tokens: int, eos_id: int,
+                pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling loop of every family's `generate`: `step(tokens (B,))` feeds one token per row
+    (advancing its own cache) and returns the logits (B, V) of the next; `first` is what the first
+    step feeds. -> tokens (B, T) (EOS included, PAD after it), logprobs (B, T) (0 after EOS)."""
+    token, done = first, torch.zeros(len(first), dtype=torch.bool, device=first.device)
+    tokens, logps = [], []
+    for _ in range(max_new_tokens):
+        nxt, logp = sample_tokens(step(token).float(), temperature, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         logps.append(torch.where(done, torch.zeros_like(logp), logp))
         tokens.append(nxt)
-        done = done | (nxt == cfg.eos_id)
-        token = nxt[:, None]
+        done = done | (nxt == eos_id)
+        token = nxt
         if bool(done.all()):
             break
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)

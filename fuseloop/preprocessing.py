@@ -114,7 +114,7 @@ class Preprocessor:
     def prompt_ids(self, prompt: str) -> list[int]:
         if not prompt.strip():
             raise InvalidInput("prompt is empty")
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = self.tokenizer.encode(chat_prompt(self.tokenizer, prompt), add_special_tokens=False)
         if len(ids) > self.config.max_prompt_tokens:
             raise InvalidInput(f"prompt is {len(ids)} tokens; the limit is {self.config.max_prompt_tokens}")
         return ids
@@ -145,6 +145,16 @@ class Preprocessor:
 def _copying(fn: Callable[[str], list[int]]) -> Callable[[str], list[int]]:
     # Callers may extend the lists they get; the cached ones must stay as they were.
     return lambda text: list(fn(text))
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerFast, content: str) -> str:
+    """The prompt as the tokenizer's chat template renders it, ready for the answer to follow; the
+    text as it is when the tokenizer has no template (the built-in model's). A Hugging Face model's
+    checkpoint tokenizer carries its template, so serving and training prompt it as it expects."""
+    if not getattr(tokenizer, "chat_template", None):
+        return content
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

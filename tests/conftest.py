@@ -58,6 +58,14 @@ def repo_copy(shared_repo_dir, tmp_path) -> Path:
     dst = tmp_path / "repo"
     shutil.copytree(shared_repo_dir, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def hf_family_runs(tmp_path_factory):
+    """The Hugging Face families' tiny models, adapted and exported, each built on first use."""
+    from tests.fixtures_hf import FamilyRuns  # transformers and peft load only for the tests that use them
+
+    return FamilyRuns(tmp_path_factory)
 # ------------------------------------- end of Model section -----------------------------------
 
 

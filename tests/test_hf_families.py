@@ -2,17 +2,16 @@
 loaded with local_files_only, their ONNX graphs against PyTorch, greedy ONNX generation against
 `generate`, the reward model, sequence log-probs and LoRA.
 
-Each family runs the pipeline once per session: build -> LoRA steps on the task -> merge -> save ->
-reload -> export. Every test reads from that one run. The models are random, initialized wide
-(init_std) so that their greedy answers differ by image and prompt, which gives the token-for-token
-checks their teeth without spending time on training.
+Each family runs the pipeline once per session (tests/fixtures_hf.py): build -> LoRA steps on the
+task -> merge -> save -> reload -> export (the encoder-decoder's through `trainer.export.publish`,
+which tests/test_hf_encoder_decoder_family.py serves). Every test reads from that one run. The
+models are random, initialized wide (init_std) so that their greedy answers differ by image and
+prompt, which gives the token-for-token checks their teeth without spending time on training.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,87 +19,16 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, \
     VisionEncoderDecoderModel
 
-from fuseloop.families import hf_encoder_decoder, hf_layout, hf_llava, hf_lora
-from fuseloop.families.hf_onnx import run, session
-from fuseloop.families.tiny import IMAGE_TOKEN, TinyConfig, build_encoder_decoder, build_llava
+from fuseloop.families import hf_layout, hf_llava, hf_lora
+from fuseloop.families.hf_onnx import run
+from fuseloop.families.tiny import IMAGE_TOKEN
 from fuseloop.preprocessing import PreprocessConfig, Preprocessor
 from fuseloop.scenes import make_split, render
-
-MAX_NEW = 12
-
-
-def hf_generate_encoder_decoder(model, pixel_values, ids, max_new):
-    return model.generate(pixel_values=pixel_values, decoder_input_ids=ids, max_new_tokens=max_new, do_sample=False)
-
-
-def hf_generate_llava(model, pixel_values, ids, max_new):
-    return model.generate(pixel_values=pixel_values, input_ids=ids, attention_mask=torch.ones_like(ids),
-                          max_new_tokens=max_new, do_sample=False)
-
-
-FAMILIES = {
-    "encoder_decoder": (hf_encoder_decoder, build_encoder_decoder, hf_generate_encoder_decoder),
-    "llava": (hf_llava, build_llava, hf_generate_llava),
-}
-
-
-@dataclass
-class FamilyRun:
-    name: str
-    module: object
-    base_dir: Path
-    base: torch.nn.Module  # the policy before LoRA
-    lora: torch.nn.Module  # the peft-wrapped policy after a few adapter steps
-    policy_dir: Path  # the merged policy, saved
-    bundle: object  # loaded back from policy_dir
-    reward: torch.nn.Module
-    paths: dict[str, Path]
-    sessions: dict
-    generate: object
-
-    def batch(self, examples, responses=None):
-        images = [render(e.scene) for e in examples]
-        pixels, ids, mask = self.bundle.inputs(images, [e.prompt for e in examples])
-        r_ids, r_mask = self.bundle.responses(responses or [e.answer for e in examples])
-        return pixels, ids, mask, r_ids, r_mask
-
-
-def _train(model, module, bundle, examples, steps: int, lr: float, batch: int = 8) -> None:
-    """Teacher-forced steps on the task's answers."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    model.train()
-    for step in range(steps):
-        chunk = [examples[(step * batch + i) % len(examples)] for i in range(batch)]
-        pixels, ids, mask = bundle.inputs([render(e.scene) for e in chunk], [e.prompt for e in chunk])
-        r_ids, r_mask = bundle.responses([e.answer for e in chunk])
-        logp = module.sequence_logprobs(model, pixels, ids, mask, r_ids, r_mask)
-        loss = -logp.sum() / r_mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-
+from tests.fixtures_hf import FAMILIES, MAX_NEW, FamilyRun
 
 @pytest.fixture(scope="session", params=list(FAMILIES))
-def family(request, tmp_path_factory) -> FamilyRun:
-    name = request.param
-    module, build, generate = FAMILIES[name]
-    root = tmp_path_factory.mktemp(f"hf-{name}")
-    torch.manual_seed(0)
-    base_dir = build(root / "base", TinyConfig(init_std=0.2))
-    bundle = module.load(base_dir)
-    base = copy.deepcopy(bundle.model)
-    lora = hf_lora.add_lora(bundle.model, rank=4)
-    _train(lora, module, bundle, make_split("train", 16), steps=2, lr=5e-3)
-    bundle.model = hf_lora.merged(lora)
-    bundle.save(root / "policy")
-    loaded = module.load(root / "policy")
-    loaded.model.eval()
-    reward = module.reward_model(loaded.model).eval()
-    paths = module.export(loaded, reward, root / "onnx")
-    return FamilyRun(name, module, base_dir, base, lora, root / "policy", loaded, reward, paths,
-                     {k: session(p) for k, p in paths.items()}, generate)
+def family(request, hf_family_runs) -> FamilyRun:
+    return hf_family_runs[request.param]
 
 
 def examples(n: int, split: str = "validation"):
@@ -165,7 +93,7 @@ def test_every_graph_matches_pytorch(family, batch, prompt_len, past_len, new_le
         expected = expected if isinstance(expected, tuple) else (expected,)
         got = run(family.sessions[name], **feed)
         assert len(got) == len(expected), name
-        if name == "decoder":
+        if name == family.module.DECODER:
             # Only real positions are ever read: a padded query attends to nothing.
             real = feed["attention_mask"].bool().numpy()
             np.testing.assert_allclose(got[0][real[:, past_len:]], expected[0].numpy()[real[:, past_len:]], atol=1e-4)
@@ -204,7 +132,7 @@ def test_reward_graph_equals_torch_and_ignores_padding(family):
     with torch.no_grad():
         rewards = family.reward(*batch)
         alone = torch.cat([family.reward(*family.batch([e], [r])) for e, r in zip(exs, responses)])
-    (got,) = run(family.sessions["reward"], **dict(zip(
+    (got,) = run(family.sessions[family.module.REWARD], **dict(zip(
         ["pixel_values", "prompt_ids", "prompt_mask", "response_ids", "response_mask"], batch)))
     assert got.shape == (4,) and got.dtype == np.float32
     np.testing.assert_allclose(got, rewards.numpy(), atol=1e-5)
@@ -212,12 +140,13 @@ def test_reward_graph_equals_torch_and_ignores_padding(family):
 
 
 def test_reward_model_saves_and_loads(family, tmp_path):
-    torch.nn.init.normal_(family.reward.head.weight, std=0.5)  # a head worth telling apart
-    family.reward.save(tmp_path)
+    reward = copy.deepcopy(family.reward)  # the session's reward is the published one's
+    torch.nn.init.normal_(reward.head.weight, std=0.5)  # a head worth telling apart
+    reward.save(tmp_path)
     loaded = family.module.load_reward(tmp_path).eval()
     batch = family.batch(examples(2))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(*batch), family.reward(*batch))
+        torch.testing.assert_close(loaded(*batch), reward(*batch))
 
 
 def test_sequence_logprobs_match_a_manual_computation(family):
@@ -280,8 +209,8 @@ def _onnx_logprobs(family, pixels, ids, mask, r_ids, r_mask) -> np.ndarray:
         embeds = hf_llava.splice_numpy(full, embeds, features, family.bundle.image_token_id)
         logits, _ = run(s["decoder"], inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, past=past)
     else:
-        (enc,) = run(s["encoder"], pixel_values=pixels)
-        logits, _ = run(s["decoder"], input_ids=full, attention_mask=full_mask, position_ids=pos,
+        (enc,) = run(s[family.module.ENCODER], pixel_values=pixels)
+        logits, _ = run(s[family.module.DECODER], input_ids=full, attention_mask=full_mask, position_ids=pos,
                         encoder_hidden_states=enc, past=past)
     out = hf_layout.response_logprobs(torch.from_numpy(logits), r_ids, r_mask)
     return out.numpy()

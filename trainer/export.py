@@ -8,10 +8,8 @@ Triton's own ModelConfig protobuf, not string templates.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,28 +20,14 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from fuseloop.checkpoint import Checkpoint
+from fuseloop.families.onnx_export import export_onnx
 from fuseloop.repository import MODELS, Manifest, ModelRepository, TensorSpec
 
 ONNX_TO_KSERVE = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.INT32: "INT32",
                   onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.FLOAT16: "FP16"}
 KSERVE_TO_TRITON = {"FP32": mc.TYPE_FP32, "INT64": mc.TYPE_INT64, "INT32": mc.TYPE_INT32, "BOOL": mc.TYPE_BOOL,
                     "FP16": mc.TYPE_FP16}
-OPSET = 20
 MAX_BATCH = 64
-
-
-def _export(module: torch.nn.Module, inputs: dict, outputs: list[str], dynamic: dict, path: Path) -> None:
-    # The exporter logs one line per torchvision op it can't register; this model uses none of them.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # optimize=False keeps every weight an initializer named after its parameter, which is what
-        # lets later versions reuse the graph (`swap_weights`); ORT optimizes at session creation.
-        program = torch.onnx.export(
-            module, args=(), kwargs=inputs, f=None, input_names=list(inputs), output_names=outputs,
-            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, verbose=False, optimize=False,
-        )
-    program.save(str(path), external_data=False)
 
 
 def swap_weights(template: Path, module: torch.nn.Module, out: Path) -> bool:
@@ -73,10 +57,8 @@ def export_graphs(ckpt: Checkpoint, out_dir: Path, templates: dict[str, Path] | 
     graphs = ckpt.family.graphs(ckpt.policy, ckpt.reward)
     if templates is not None and all(swap_weights(templates[m], graphs[m].module, paths[m]) for m in MODELS):
         return paths
-    with torch.no_grad():
-        for m in MODELS:
-            g = graphs[m]
-            _export(g.module, g.inputs, g.outputs, g.dynamic_shapes, paths[m])
+    for m in MODELS:
+        export_onnx(graphs[m], paths[m])
     return paths
 
 

@@ -16,6 +16,7 @@ from fuseloop.families.base import DecodeState, Graph, GraphRunner, ModelFamily,
 DEFAULT = "builtin"
 FAMILIES: Mapping[str, str] = {  # name -> "module:class"
     "builtin": "fuseloop.families.builtin:BuiltinFamily",
+    "hf-encoder-decoder": "fuseloop.families.hf_encoder_decoder:HFEncoderDecoderFamily",
 }
 
 __all__ = ["DEFAULT", "FAMILIES", "DecodeState", "Graph", "GraphRunner", "ModelFamily", "Stepper", "family_for"]

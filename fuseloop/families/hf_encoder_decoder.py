@@ -1,21 +1,24 @@
-"""Family 1: `transformers.VisionEncoderDecoderModel` (a vision encoder + a text decoder with
-cross-attention), loaded from a local directory.
+"""Family 1, "hf-encoder-decoder": `transformers.VisionEncoderDecoderModel` (a vision encoder + a
+text decoder with cross-attention), read from and written to `save_pretrained` directories.
 
-The prompt is the decoder's prefix (chat-templated, left-padded); the image reaches the decoder
-through cross-attention only. Graphs:
+The prompt is the decoder's prefix (chat-templated: [BOS] prompt [SEP] for the tiny models,
+left-padded); the image reaches the decoder through cross-attention only. Under the family
+interface (`HFEncoderDecoderFamily`), the Preprocessor applies the checkpoint tokenizer's chat
+template, so served and trained prompt ids are this prefix, right-padded. Graphs (repository names):
 - encoder: pixel_values (B, 3, H, W) f32 -> encoder_hidden_states (B, N, d) f32 (after the
   model's enc_to_dec projection, when it has one);
 - decoder: input_ids (B, T) i64, attention_mask (B, P+T) i64, position_ids (B, T) i64,
   encoder_hidden_states (B, N, d) f32, past (B, 2L, H, P, hd) f32 -> logits (B, T, V) f32,
-  present (B, 2L, H, P+T, hd) f32. One graph for prefill (P = 0, T = prompt) and decode (T = 1).
+  present (B, 2L, H, P+T, hd) f32. One graph for the prompt (P = 0) and each decode step (T = 1).
   Cross-attention keys are recomputed from encoder_hidden_states each call, so the only cache is
   the packed self-attention `past` (see hf_layout);
 - reward: pixel_values, prompt_ids (B, S), prompt_mask (B, S), response_ids (B, R),
-  response_mask (B, R) -> rewards (B,) f32.
+  response_mask (B, R) -> rewards (B,) f32 (prompts padded on either side).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +26,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 from transformers import (AutoImageProcessor, AutoTokenizer, DynamicCache, EncoderDecoderCache,
-                          VisionEncoderDecoderModel)
+                          VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
 
 from fuseloop.families import hf_layout
-from fuseloop.families.hf_layout import empty_past, pack_past, unpack_past
-from fuseloop.families.hf_onnx import Graph, dim, export_graphs, greedy_generate, run
+from fuseloop.families.base import DecodeState, Graph, ModelFamily, Stepper
+from fuseloop.families.hf_layout import empty_past, left_align, pack_past, positions, unpack_past
+from fuseloop.families.hf_onnx import dim
 from fuseloop.families.hf_reward import HFRewardModel
+from fuseloop.families.onnx_export import export_onnx
+from fuseloop.model import sample_loop
+from fuseloop.repository import DECODER, ENCODER, REWARD
 
-ENCODER, DECODER, REWARD = "encoder", "decoder", "reward"
 OUTPUTS = {ENCODER: ["encoder_hidden_states"], DECODER: ["logits", "present"], REWARD: ["rewards"]}
 
 
@@ -43,7 +49,7 @@ class EncoderDecoderBundle:
     image_processor: object
 
     def cache_shape(self) -> tuple[int, int, int]:
-        return cache_shape(self.model)
+        return cache_shape(self.model.config)
 
     def inputs(self, images, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pixel_values, prompt_ids, prompt_mask): chat-templated decoder prefixes, left-padded."""
@@ -68,9 +74,9 @@ def load(directory: Path) -> EncoderDecoderBundle:
                                 AutoImageProcessor.from_pretrained(d, local_files_only=True))
 
 
-def cache_shape(model: VisionEncoderDecoderModel) -> tuple[int, int, int]:
+def cache_shape(config: VisionEncoderDecoderConfig) -> tuple[int, int, int]:
     """(layers, kv heads, head dim) of the packed past."""
-    c = model.config.decoder
+    c = config.decoder
     return c.num_hidden_layers, c.num_attention_heads, c.hidden_size // c.num_attention_heads
 
 
@@ -95,7 +101,7 @@ def decode(model: VisionEncoderDecoderModel, input_ids, attention_mask, position
 
 def hidden_states(model, pixel_values, ids, mask, positions) -> torch.Tensor:
     """Final decoder hidden states (B, S, d) of a whole sequence (the reward model's read-out)."""
-    past = empty_past(ids.shape[0], *cache_shape(model))
+    past = empty_past(ids.shape[0], *cache_shape(model.config))
     hidden, _ = decode(model, ids, mask, positions, encode(model, pixel_values), past, lm_head=False)
     return hidden
 
@@ -118,7 +124,7 @@ def load_reward(directory: Path) -> HFRewardModel:
     return HFRewardModel(backbone, hidden_states, backbone.config.decoder.hidden_size).load_head(directory)
 
 
-def example_inputs(bundle: EncoderDecoderBundle, reward: HFRewardModel | None = None, batch: int = 2,
+def example_inputs(bundle: EncoderDecoderBundle, batch: int = 2,
                    prompt_len: int = 5, past_len: int = 3, new_len: int = 2, seed: int = 0) -> dict[str, dict]:
     """Random, well-formed inputs for each graph, with padded rows (export examples and parity)."""
     g = torch.Generator().manual_seed(seed)
@@ -146,15 +152,35 @@ def example_inputs(bundle: EncoderDecoderBundle, reward: HFRewardModel | None = 
     }
 
 
-def graph_modules(bundle: EncoderDecoderBundle, reward: HFRewardModel) -> dict[str, Graph]:
-    return {ENCODER: Graph(bundle.model, encode), DECODER: Graph(bundle.model, decode), REWARD: Graph(reward)}
+class EncoderGraph(nn.Module):
+    """pixel_values -> encoder_hidden_states: the memory the decoder cross-attends to."""
+
+    def __init__(self, model: VisionEncoderDecoderModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return encode(self.model, pixel_values)
 
 
+class DecoderGraph(nn.Module):
+    """T new tokens after P cached ones -> logits (B, T, V), present (B, 2L, H, P+T, hd)."""
 
-def export(bundle: EncoderDecoderBundle, reward: HFRewardModel, out_dir: Path,
-           external_data: bool = False) -> dict[str, Path]:
-    """Writes encoder.onnx, decoder.onnx and reward.onnx; returns graph name -> path.
-    (Merge LoRA adapters first: `hf_lora.merged`.)"""
+    def __init__(self, model: VisionEncoderDecoderModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, encoder_hidden_states, past):
+        return decode(self.model, input_ids, attention_mask, position_ids, encoder_hidden_states, past)
+
+
+def graph_modules(bundle: EncoderDecoderBundle, reward: HFRewardModel) -> dict[str, nn.Module]:
+    """The module each graph traces; their state_dict names are the graphs' initializers."""
+    return {ENCODER: EncoderGraph(bundle.model), DECODER: DecoderGraph(bundle.model), REWARD: reward}
+
+
+def graphs(bundle: EncoderDecoderBundle, reward: HFRewardModel, **example) -> dict[str, Graph]:
+    """The three graphs with example inputs (`example_inputs`' keywords) and dynamic axes."""
     B, S, T, R, N = dim("batch"), dim("prompt"), dim("new"), dim("response"), dim("image_tokens")
     P = dim("past", min=0)
     dynamic = {
@@ -164,19 +190,151 @@ def export(bundle: EncoderDecoderBundle, reward: HFRewardModel, out_dir: Path,
         REWARD: {"pixel_values": {0: B}, "prompt_ids": {0: B, 1: S}, "prompt_mask": {0: B, 1: S},
                  "response_ids": {0: B, 1: R}, "response_mask": {0: B, 1: R}},
     }
-    return export_graphs(graph_modules(bundle, reward), example_inputs(bundle), OUTPUTS, dynamic, out_dir,
-                         external_data)
+    modules, inputs = graph_modules(bundle, reward), example_inputs(bundle, **example)
+    return {name: Graph(modules[name], inputs[name], OUTPUTS[name], dynamic[name]) for name in OUTPUTS}
+
+
+def export(bundle: EncoderDecoderBundle, reward: HFRewardModel, out_dir: Path,
+           external_data: bool = False) -> dict[str, Path]:
+    """Writes the three graphs to out_dir/<name>.onnx; returns graph name -> path.
+    (Merge LoRA adapters first: `hf_lora.merged`.)"""
+    return {name: export_onnx(g, out_dir / f"{name}.onnx", external_data) for name, g in graphs(bundle, reward).items()}
 
 
 def onnx_generate(sessions: dict, bundle: EncoderDecoderBundle, pixel_values: np.ndarray, prompt_ids: np.ndarray,
                   prompt_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
-    """Greedy answers (B, T) from the exported graphs (ORT sessions by graph name)."""
-    (enc,) = run(sessions[ENCODER], pixel_values=pixel_values)
+    """Greedy answers (B, T) from the exported graphs (ORT sessions by graph name), through the
+    family's stepper as the engine runs it. Prompts left- or right-padded."""
+    stepper = HFEncoderDecoderStepper(config_dict(bundle.model.config), lambda name, feed: sessions[name].run(None, feed))
+    pixel_values, prompt_ids, prompt_mask = (np.asarray(a) for a in (pixel_values, prompt_ids, prompt_mask))
+    state = stepper.prefill(pixel_values, *_right_aligned(prompt_ids, prompt_mask))
 
-    def step(ids, mask, pos, past):
-        return run(sessions[DECODER], input_ids=ids, attention_mask=mask, position_ids=pos,
-                   encoder_hidden_states=enc, past=past)
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        state.tokens = tokens.numpy()
+        return torch.from_numpy(stepper.step(state))
 
     tok = bundle.tokenizer
-    return greedy_generate(step, prompt_ids, prompt_mask, bundle.cache_shape(),
-                           max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+    tokens, _ = sample_loop(step, torch.from_numpy(state.tokens), max_new_tokens, tok.eos_token_id, tok.pad_token_id,
+                            temperature=0.0)
+    return tokens.numpy()
+
+
+def _right_aligned(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows padded on either side -> right-padded, as the Preprocessor pads them."""
+    order = np.argsort(1 - mask, axis=1, kind="stable")  # real tokens first, in order
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(mask, order, 1)
+
+
+# -- the family interface ------------------------------------------------------------------------
+
+def config_dict(config: VisionEncoderDecoderConfig) -> dict:
+    """The config as JSON keeps it (so a manifest's copy compares equal), without the fields that
+    say where and with what it was saved rather than what it is."""
+    def strip(d: dict) -> dict:
+        return {k: strip(v) if isinstance(v, dict) and k in ("encoder", "decoder") else v
+                for k, v in d.items() if k not in ("_name_or_path", "transformers_version")}
+    return json.loads(json.dumps(strip(config.to_dict())))
+
+
+class HFEncoderDecoderStepper(Stepper):
+    """Prefill: the encoder graph makes the memory, then the decoder graph reads each prompt but
+    its last token (the chat template's answer marker) into the cache; the first step feeds that
+    last token, so every step yields the next response token. Memory and past both non-empty."""
+
+    def __init__(self, model_config: dict, run) -> None:
+        super().__init__(model_config, run)
+        self.cache_shape = cache_shape(VisionEncoderDecoderConfig.from_dict(model_config))
+
+    def prefill(self, pixel_values, prompt_ids, prompt_mask) -> DecodeState:
+        (memory,) = self.run(ENCODER, {"pixel_values": pixel_values})
+        ids, mask = (t.numpy() for t in left_align(torch.from_numpy(prompt_ids), torch.from_numpy(prompt_mask)))
+        B = len(ids)
+        prefix, prefix_mask = ids[:, :-1], mask[:, :-1]
+        past = empty_past(B, *self.cache_shape).numpy()
+        if prefix.shape[1]:  # a one-token prompt (BOS alone) leaves the cache empty
+            _, past = self.run(DECODER, {"input_ids": prefix, "attention_mask": prefix_mask,
+                                         "position_ids": positions(torch.from_numpy(prefix_mask)).numpy(),
+                                         "encoder_hidden_states": memory, "past": past})
+        return DecodeState(tokens=ids[:, -1].copy(), positions=prefix_mask.sum(-1), past=past,
+                           past_mask=prefix_mask.copy(), memory=memory,
+                           memory_mask=np.ones(memory.shape[:2], dtype=np.int64), past_axis=3)
+
+    def step(self, state: DecodeState) -> np.ndarray:
+        # The decoder graph cross-attends to all of memory: a fixed-size image encoder fills it.
+        attention = np.concatenate([state.past_mask, np.ones((len(state), 1), dtype=np.int64)], axis=1)
+        logits, present = self.run(DECODER, {
+            "input_ids": state.tokens[:, None], "attention_mask": attention, "position_ids": state.positions[:, None],
+            "encoder_hidden_states": state.memory, "past": state.past})
+        state.past, state.past_mask = present, attention
+        state.positions = state.positions + 1
+        return logits[:, -1]
+
+    def score(self, pixel_values, prompt_ids, prompt_mask, response_ids, response_mask) -> np.ndarray:
+        (reward,) = self.run(REWARD, {"pixel_values": pixel_values, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                                      "response_ids": response_ids, "response_mask": response_mask})
+        return reward
+
+
+class HFEncoderDecoderFamily(ModelFamily):
+    """The interface's [BOS] + response inputs: the prompt's own last token (the template's answer
+    marker) already starts the answer, so the decoder reads prompt + response and the leading BOS
+    is dropped. The reward model reads the interface's inputs as they are (BOS included), in
+    training and serving alike."""
+
+    name = "hf-encoder-decoder"
+    stepper_class = HFEncoderDecoderStepper
+
+    # -- building, loading, saving -----------------------------------------------------------
+    def build(self, config: dict) -> VisionEncoderDecoderModel:
+        return VisionEncoderDecoderModel(VisionEncoderDecoderConfig.from_dict(config))
+
+    def config_of(self, policy: nn.Module) -> dict:
+        return config_dict(policy.config)
+
+    def reward_model_from_policy(self, policy: nn.Module) -> HFRewardModel:
+        return reward_model(policy)
+
+    def save(self, module: nn.Module, directory: Path) -> None:
+        if isinstance(module, HFRewardModel):
+            module.save(directory)
+        else:
+            module.save_pretrained(str(directory))
+
+    def load_policy(self, directory: Path) -> VisionEncoderDecoderModel:
+        return VisionEncoderDecoderModel.from_pretrained(str(directory), local_files_only=True)
+
+    def load_reward(self, directory: Path) -> HFRewardModel:
+        return load_reward(directory)
+
+    # -- training ------------------------------------------------------------------------------
+    def token_logits(self, policy, pixel_values, prompt_ids, prompt_mask, input_ids, input_mask) -> torch.Tensor:
+        prompt_ids, prompt_mask = left_align(prompt_ids, prompt_mask)
+        ids, mask, pos = hf_layout.join(prompt_ids, prompt_mask, input_ids[:, 1:], input_mask[:, 1:])
+        logits = policy(pixel_values=pixel_values, decoder_input_ids=ids, decoder_attention_mask=mask,
+                        decoder_position_ids=pos).logits
+        return logits[:, prompt_ids.shape[1] - 1:]  # the prompt's last token predicts input_ids[:, 1]
+
+    def generate(self, policy, pixel_values, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, top_p=1.0,
+                 generator=None):
+        ids, mask = left_align(prompt_ids, prompt_mask)
+        memory = encode(policy, pixel_values)
+        past = empty_past(len(ids), *cache_shape(policy.config)).to(memory)
+        if ids.shape[1] > 1:
+            _, past = decode(policy, ids[:, :-1], mask[:, :-1], positions(mask[:, :-1]), memory, past)
+        mask, pos = mask[:, :-1], mask[:, :-1].sum(-1, keepdim=True)
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            nonlocal past, mask, pos
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits, past = decode(policy, token[:, None], mask, pos, memory, past)
+            pos = pos + 1
+            return logits[:, -1]
+
+        c = policy.config.decoder
+        return sample_loop(step, ids[:, -1], max_new_tokens, c.eos_token_id, c.pad_token_id, temperature, top_p,
+                           generator)
+
+    # -- serving -------------------------------------------------------------------------------
+    def graphs(self, policy: nn.Module, reward: nn.Module, batch: int = 2, seed: int = 0) -> dict[str, Graph]:
+        # The graphs and their example inputs read only the model, not the tokenizer or image processor.
+        return graphs(EncoderDecoderBundle(policy, None, None), reward, batch=batch, seed=seed)

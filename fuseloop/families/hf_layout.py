@@ -16,14 +16,12 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from fuseloop.preprocessing import pad_right
+from fuseloop.preprocessing import chat_prompt, pad_right
 
 
 def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, image_token: str | None = None) -> str:
     """The prompt as the model's chat template renders it, ready for the answer to follow."""
-    content = prompt if image_token is None else f"{image_token} {prompt}"
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
+    return chat_prompt(tokenizer, prompt if image_token is None else f"{image_token} {prompt}")
 
 
 def response_ids(tokenizer: PreTrainedTokenizerBase, responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +36,13 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, t
         return tuple(torch.from_numpy(a) for a in pad_right(seqs, pad_id))
     ids, mask = pad_right([s[::-1] for s in seqs], pad_id)
     return torch.from_numpy(ids[:, ::-1].copy()), torch.from_numpy(mask[:, ::-1].copy())
+
+
+def left_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, mask) (B, S), as the Preprocessor pads them -> the same rows left-padded."""
+    S = mask.shape[1]
+    source = (torch.arange(S, device=mask.device) - (S - mask.sum(-1, keepdim=True))) % S  # (B, S)
+    return ids.gather(1, source), mask.gather(1, source)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForCon
 
 from fuseloop.families import hf_layout
 from fuseloop.families.hf_layout import empty_past, pack_past, unpack_past
-from fuseloop.families.hf_onnx import Graph, dim, export_graphs, greedy_generate, run
+from fuseloop.families.base import Graph
+from fuseloop.families.hf_onnx import dim, greedy_generate, run
 from fuseloop.families.hf_reward import HFRewardModel
+from fuseloop.families.onnx_export import export_onnx
 
 VISION, EMBED, DECODER, REWARD = "vision", "embed", "decoder", "reward"
 OUTPUTS = {VISION: ["image_features"], EMBED: ["inputs_embeds"], DECODER: ["logits", "present"], REWARD: ["rewards"]}
@@ -148,10 +150,37 @@ def load_reward(directory: Path) -> HFRewardModel:
     return HFRewardModel(backbone, hidden_states, backbone.config.text_config.hidden_size).load_head(directory)
 
 
-def graph_modules(bundle: LlavaBundle, reward: HFRewardModel) -> dict[str, Graph]:
+class VisionGraph(nn.Module):
+    def __init__(self, model: LlavaForConditionalGeneration) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return image_features(self.model, pixel_values)
+
+
+class EmbedGraph(nn.Module):
+    def __init__(self, model: LlavaForConditionalGeneration) -> None:
+        super().__init__()
+        self.embed = model.get_input_embeddings()
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, model: LlavaForConditionalGeneration) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past):
+        return decode(self.model, inputs_embeds, attention_mask, position_ids, past)
+
+
+def graph_modules(bundle: LlavaBundle, reward: HFRewardModel) -> dict[str, nn.Module]:
+    """The module each graph traces; their state_dict names are the graphs' initializers."""
     m = bundle.model
-    return {VISION: Graph(m, image_features), EMBED: Graph(m.get_input_embeddings()), DECODER: Graph(m, decode),
-            REWARD: Graph(reward)}
+    return {VISION: VisionGraph(m), EMBED: EmbedGraph(m), DECODER: DecoderGraph(m), REWARD: reward}
 
 
 def example_inputs(bundle: LlavaBundle, batch: int = 2, prompt_len: int = 5, past_len: int = 3, new_len: int = 2,
@@ -186,9 +215,8 @@ def example_inputs(bundle: LlavaBundle, batch: int = 2, prompt_len: int = 5, pas
     }
 
 
-def export(bundle: LlavaBundle, reward: HFRewardModel, out_dir: Path, external_data: bool = False) -> dict[str, Path]:
-    """Writes vision.onnx, embed.onnx, decoder.onnx and reward.onnx; returns graph name -> path.
-    (Merge LoRA adapters first: `hf_lora.merged`.)"""
+def graphs(bundle: LlavaBundle, reward: HFRewardModel, **example) -> dict[str, Graph]:
+    """The four graphs with example inputs (`example_inputs`' keywords) and dynamic axes."""
     B, S, T, R = dim("batch"), dim("prompt"), dim("new"), dim("response")
     P = dim("past", min=0)
     dynamic = {
@@ -199,8 +227,14 @@ def export(bundle: LlavaBundle, reward: HFRewardModel, out_dir: Path, external_d
         REWARD: {"pixel_values": {0: B}, "prompt_ids": {0: B, 1: S}, "prompt_mask": {0: B, 1: S},
                  "response_ids": {0: B, 1: R}, "response_mask": {0: B, 1: R}},
     }
-    return export_graphs(graph_modules(bundle, reward), example_inputs(bundle), OUTPUTS, dynamic, out_dir,
-                         external_data)
+    modules, inputs = graph_modules(bundle, reward), example_inputs(bundle, **example)
+    return {name: Graph(modules[name], inputs[name], OUTPUTS[name], dynamic[name]) for name in OUTPUTS}
+
+
+def export(bundle: LlavaBundle, reward: HFRewardModel, out_dir: Path, external_data: bool = False) -> dict[str, Path]:
+    """Writes vision.onnx, embed.onnx, decoder.onnx and reward.onnx; returns graph name -> path.
+    (Merge LoRA adapters first: `hf_lora.merged`.)"""
+    return {name: export_onnx(g, out_dir / f"{name}.onnx", external_data) for name, g in graphs(bundle, reward).items()}
 
 
 def onnx_generate(sessions: dict, bundle: LlavaBundle, pixel_values: np.ndarray, prompt_ids: np.ndarray,
