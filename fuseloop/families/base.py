@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from fuseloop.repository import DECODER, REWARD
+
 # Runs one exported graph of a loaded version: graph name, inputs by name -> its outputs, in the
 # order its signature lists them. ONNX Runtime and Triton each provide one.
 GraphRunner = Callable[[str, dict[str, np.ndarray]], list[np.ndarray]]
@@ -145,15 +147,26 @@ class Stepper(ABC):
         prompt's last token and feed that one, so every step yields the next response token."""
 
     @abstractmethod
+    def step_inputs(self, state: DecodeState, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The DECODER graph's inputs for one step of `state` (attention_mask: past + the new token)."""
+
     def step(self, state: DecodeState) -> np.ndarray:
         """Feeds `state.tokens`; returns the logits (B, V) float32 of the token after each. Advances
         `state` in place: the cache and its mask grow by one column, positions by one. The caller
-        then sets `state.tokens` to what it sampled."""
+        then sets `state.tokens` to what it sampled. The DECODER graph returns (logits, present)."""
+        attention = np.concatenate([state.past_mask, np.ones((len(state), 1), dtype=np.int64)], axis=1)
+        logits, present = self.run(DECODER, self.step_inputs(state, attention))
+        state.past, state.past_mask = present, attention
+        state.positions = state.positions + 1
+        return logits[:, -1]
 
-    @abstractmethod
     def score(self, pixel_values: np.ndarray, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
               response_ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
-        """Rewards (B,) float32; response_ids: [BOS] + response + [EOS], right-padded."""
+        """Rewards (B,) float32; response_ids: [BOS] + response + [EOS], right-padded. Every family's
+        REWARD graph takes these five inputs."""
+        (reward,) = self.run(REWARD, {"pixel_values": pixel_values, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                                      "response_ids": response_ids, "response_mask": response_mask})
+        return reward
 
 
 class ModelFamily(ABC):

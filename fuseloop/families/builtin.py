@@ -52,19 +52,10 @@ class BuiltinStepper(Stepper):
             past=np.zeros((B, 2 * c["n_decoder_layers"], c["n_heads"], 0, c["d_model"] // c["n_heads"]), dtype=np.float32),
             past_mask=np.zeros((B, 0), dtype=np.int64), memory=memory, memory_mask=memory_mask, past_axis=3)
 
-    def step(self, state: DecodeState) -> np.ndarray:
-        attention = np.concatenate([state.past_mask, np.ones((len(state), 1), dtype=np.int64)], axis=1)
-        logits, present = self.run(DECODER, {
-            "input_ids": state.tokens[:, None], "position_ids": state.positions[:, None], "attention_mask": attention,
-            "memory": state.memory, "memory_mask": state.memory_mask, "past": state.past})
-        state.past, state.past_mask = present, attention
-        state.positions = state.positions + 1
-        return logits[:, -1]
-
-    def score(self, pixel_values, prompt_ids, prompt_mask, response_ids, response_mask) -> np.ndarray:
-        (reward,) = self.run(REWARD, {"pixel_values": pixel_values, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-                                      "response_ids": response_ids, "response_mask": response_mask})
-        return reward
+    def step_inputs(self, state: DecodeState, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        return {"input_ids": state.tokens[:, None], "position_ids": state.positions[:, None],
+                "attention_mask": attention_mask, "memory": state.memory, "memory_mask": state.memory_mask,
+                "past": state.past}
 
 
 class BuiltinFamily(ModelFamily):

@@ -259,20 +259,10 @@ class HFEncoderDecoderStepper(Stepper):
                            past_mask=prefix_mask.copy(), memory=memory,
                            memory_mask=np.ones(memory.shape[:2], dtype=np.int64), past_axis=3)
 
-    def step(self, state: DecodeState) -> np.ndarray:
+    def step_inputs(self, state: DecodeState, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         # The decoder graph cross-attends to all of memory: a fixed-size image encoder fills it.
-        attention = np.concatenate([state.past_mask, np.ones((len(state), 1), dtype=np.int64)], axis=1)
-        logits, present = self.run(DECODER, {
-            "input_ids": state.tokens[:, None], "attention_mask": attention, "position_ids": state.positions[:, None],
-            "encoder_hidden_states": state.memory, "past": state.past})
-        state.past, state.past_mask = present, attention
-        state.positions = state.positions + 1
-        return logits[:, -1]
-
-    def score(self, pixel_values, prompt_ids, prompt_mask, response_ids, response_mask) -> np.ndarray:
-        (reward,) = self.run(REWARD, {"pixel_values": pixel_values, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-                                      "response_ids": response_ids, "response_mask": response_mask})
-        return reward
+        return {"input_ids": state.tokens[:, None], "attention_mask": attention_mask,
+                "position_ids": state.positions[:, None], "encoder_hidden_states": state.memory, "past": state.past}
 
 
 class HFEncoderDecoderFamily(ModelFamily):

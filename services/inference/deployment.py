@@ -176,21 +176,18 @@ class Deployment:
     @property
     def canary_status(self) -> str:
         """This replica against the record's canary, as `desired_status` is for the serving version."""
-        wanted = self.state.canary
-        if wanted is None:
-            return ""
-        if self._canary is not None and self._canary.version == wanted:
-            return "SERVING"
-        return "NOT_SERVING" if wanted in self.failures else "LOADING"
+        return self._status(self.state.canary, self._canary)
 
     @property
     def desired_status(self) -> str:
         """This replica against the record: SERVING (it serves the desired version), LOADING, or
         NOT_SERVING (it could not load it, see `failures`); "" when there is no record yet."""
-        wanted = self.state.serving
+        return self._status(self.state.serving, self._serving)
+
+    def _status(self, wanted: int | None, have: ServedVersion | None) -> str:
         if wanted is None:
             return ""
-        if self._serving is not None and self._serving.version == wanted:
+        if have is not None and have.version == wanted:
             return "SERVING"
         return "NOT_SERVING" if wanted in self.failures else "LOADING"
 
