@@ -11,14 +11,16 @@ after the server started, and drops versions that are gone or outside the versio
 Selected with settings.json:
     "model_repository_implementation": "triton_repository.TritonModelRepository",
     "model_repository_implementation_args": {"triton_root": "/path/to/model_repository"}
-(`root` is always MLServer's settings folder, hence a separate argument.)
+(`root` is always MLServer's settings folder, hence a separate argument.) An optional
+`"adaptive_batching": {"max_batch_size": 32, "max_batch_time": 0.005}` there turns on MLServer's
+own batching for every model (Triton's `dynamic_batching` has no MLServer equivalent per model).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import tritonclient
 from google.protobuf import text_format
@@ -89,8 +91,11 @@ def _declared_tensors(model: str, tensors, max_batch_size: int) -> List[Metadata
 
 
 class TritonModelRepository(ModelRepository):
-    def __init__(self, root: str, triton_root: Optional[str] = None):
+    def __init__(self, root: str, triton_root: Optional[str] = None,
+                 adaptive_batching: Optional[Dict[str, float]] = None):
         self._root = os.path.abspath(triton_root or root)
+        # ModelSettings' max_batch_size / max_batch_time (seconds); none: each request alone.
+        self._batching = dict(adaptive_batching or {})
 
     async def list(self) -> List[ModelSettings]:
         found: List[ModelSettings] = []
@@ -152,6 +157,7 @@ class TritonModelRepository(ModelRepository):
                 platform=PLATFORM,
                 inputs=inputs,
                 outputs=outputs,
+                **self._batching,
                 # Triton's ModelMetadata lists the served versions here.
                 versions=[str(v) for v in versions],
                 parameters=ModelParameters(

@@ -8,10 +8,15 @@ sends its next request as soon as the previous answer arrives):
              of `concurrency` requests (static batching, the same sampling), back to back. The limit.
 - unbatched: the real server with max batch 1 (generation and scoring), over a copy of the
              repository whose config.pbtxt files have no dynamic_batching (ModelInfer per request).
+- mlserver:  ModelInfer only: Seldon MLServer (its own venv `.venv-mlserver`, in a subprocess)
+             serving the same reward model.onnx with its adaptive batching (32 rows, 5 ms) and
+             the same ORT thread count. Skipped, with a line saying so, when the venv is missing.
 
 ModelInfer is KServe v2 on the reward model, one row per request, from tensors prepared once
 (the client sends bytes it serialized beforehand, so the load generator costs little); raw
-runs those rows through ONNX Runtime in batches of `concurrency`.
+runs those rows through ONNX Runtime in batches of `concurrency`. MLServer gets the same rows
+padded to the workload's widest prompt and response: its adaptive batching concatenates requests
+along the batch and needs every other dimension equal (fuseloop pads rows itself when it merges).
 
 Generate samples at temperature 1 with a seed per request, so every contender produces the same
 tokens (the same work). Numbers are requests/s and latency percentiles in ms. Each cell is measured
@@ -21,6 +26,7 @@ in rounds, the contenders taking turns, so other load on a shared machine hits t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import sys
@@ -49,6 +55,7 @@ class BenchConfig:
     threads: int = 1  # ORT intra-op threads for every contender (the machine has few cores)
     max_batch: int = 32
     rpcs: tuple[str, ...] = ("Generate", "Score", "ModelInfer")
+    mlserver_batch: tuple[int, float] = (32, 0.005)  # MLServer's max_batch_size, max_batch_time (s)
 
 
 @dataclass
@@ -301,6 +308,50 @@ def without_dynamic_batching(repo_dir: Path, out: Path) -> Path:
     return out
 
 
+def same_widths(rows: list[dict[str, np.ndarray]], pad_id: int) -> list[dict[str, np.ndarray]]:
+    """The rows with every `<x>_ids`/`<x>_mask` pair right-padded to the widest row (pad_id, 0)."""
+    widths = {n: max(r[n].shape[1] for r in rows) for n in rows[0] if n.endswith("_ids")}
+    out = []
+    for r in rows:
+        row = dict(r)
+        for ids, width in widths.items():
+            mask, extra = ids.removesuffix("_ids") + "_mask", ((0, 0), (0, width - r[ids].shape[1]))
+            row[ids], row[mask] = np.pad(r[ids], extra, constant_values=pad_id), np.pad(r[mask], extra)
+        out.append(row)
+    return out
+
+
+def reward_only(repo_dir: Path, out: Path, threads: int) -> Path:
+    """A repository holding just the reward model (the same model.onnx files, linked), with the
+    bench's ORT thread count in its config.pbtxt (which the MLServer runtime honours)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    src, dst = repo_dir / REWARD, out / REWARD
+    dst.mkdir(parents=True)
+    for version in (p for p in src.iterdir() if p.is_dir()):
+        (dst / version.name).mkdir()
+        for f in version.iterdir():
+            (dst / version.name / f.name).symlink_to(f.resolve())
+    config = text_format.Parse((src / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    config.parameters["intra_op_thread_count"].string_value = str(threads)
+    (dst / "config.pbtxt").write_text(text_format.MessageToString(config))
+    return out
+
+
+def mlserver_contender(repo_dir: Path, tmp: Path, cfg: BenchConfig) -> contextlib.AbstractContextManager:
+    """MLServer over the reward model, or a context yielding None (with a line saying why) without it."""
+    from services.inference.runtime.mlserver_launcher import DEFAULT_VENV, MLServerProcess, mlserver_executable
+
+    if "ModelInfer" not in cfg.rpcs:
+        return contextlib.nullcontext()
+    if mlserver_executable(DEFAULT_VENV) is None:
+        print(f"mlserver contender skipped: no MLServer venv {DEFAULT_VENV} (run `make mlserver`)", file=sys.stderr)
+        return contextlib.nullcontext()
+    return MLServerProcess(reward_only(repo_dir, tmp / "mlserver-repo", cfg.threads),
+                           adaptive_batching=cfg.mlserver_batch)
+
+
 # -- the run -------------------------------------------------------------------------------------
 def quick_repository(root: Path) -> Path:
     from fuseloop.checkpoint import Checkpoint
@@ -326,27 +377,32 @@ def bench(cfg: BenchConfig) -> dict:
         cells: list[Cell] = []
         rows = runner.reward_rows(w)
         requests = kserve_requests(rows)
+        padded_requests = kserve_requests(same_widths(rows, runner.pre.pad_id))
         unbatched_repo = without_dynamic_batching(repo_dir, Path(tmp) / "unbatched-repo")
 
-        def load(address: str, rpc: str, c: int):
+        def load(address: str, rpc: str, c: int, infer_requests: list[bytes] = requests):
             if rpc == "ModelInfer":
-                return asyncio.run(_load_kserve(address, requests, c, slice_s, cfg.warmup_s))
+                return asyncio.run(_load_kserve(address, infer_requests, c, slice_s, cfg.warmup_s))
             return asyncio.run(_load(address, w, rpc, c, slice_s, cfg.warmup_s, cfg.temperature, max_new))
 
         with ServerProcess(repo_dir, cfg.max_batch, cfg.threads) as service, \
-                ServerProcess(unbatched_repo, 1, cfg.threads) as unbatched:
+                ServerProcess(unbatched_repo, 1, cfg.threads) as unbatched, \
+                mlserver_contender(repo_dir, Path(tmp), cfg) as mlserver:
             contenders = {
                 "service": lambda rpc, c: load(service, rpc, c),
                 "raw": lambda rpc, c: (*run_raw(runner, w, rpc, c, slice_s, cfg.warmup_s, cfg.temperature, max_new,
                                                 rows), 0),
                 "unbatched": lambda rpc, c: load(unbatched, rpc, c),
             }
-            names = list(contenders)
+            if mlserver is not None:
+                contenders["mlserver"] = lambda rpc, c: load(mlserver.url, rpc, c, padded_requests)
             for rpc in cfg.rpcs:
+                names = [n for n in contenders if n != "mlserver" or rpc == "ModelInfer"]
                 for c in cfg.concurrency:
                     totals = {name: ([], 0, 0.0, 0) for name in names}
                     for r in tqdm(range(cfg.rounds), desc=f"{rpc} c={c}", leave=False, file=sys.stderr):
-                        for name in names[r % 3:] + names[: r % 3]:
+                        k = r % len(names)
+                        for name in names[k:] + names[:k]:
                             lat, tok, sec, fail = contenders[name](rpc, c)
                             acc = totals[name]
                             totals[name] = (acc[0] + lat, acc[1] + tok, acc[2] + sec, acc[3] + fail)
@@ -371,6 +427,8 @@ def goals(cells: list[Cell]) -> dict:
             out[f"{rpc.lower()}_c{top}_service_over_raw_batch{top}"] = round(svc.throughput / raw_top.throughput, 3)
         if svc and raw1:
             out[f"{rpc.lower()}_c{top}_service_over_raw_batch1"] = round(svc.throughput / raw1.throughput, 3)
+        if svc and (mls := get("mlserver", rpc, top)):
+            out[f"{rpc.lower()}_c{top}_service_over_mlserver"] = round(svc.throughput / mls.throughput, 3)
     svc, raw, unb = get("service", "Generate", top), get("raw", "Generate", top), get("unbatched", "Generate", top)
     if svc and raw and unb:
         out[f"generate_c{top}_service_over_raw"] = round(svc.throughput / raw.throughput, 3)
@@ -385,11 +443,12 @@ def table(result: dict) -> str:
     cells = [Cell(**c) for c in result["cells"]]
     lines = []
     for rpc in dict.fromkeys(x.rpc for x in cells):
+        names = list(dict.fromkeys(x.contender for x in cells if x.rpc == rpc))
         lines.append(f"\n{rpc} (requests/s | p50 ms | p99 ms{' | tokens/s' if rpc == 'Generate' else ''})")
-        lines.append(f"{'concurrency':>12} " + " ".join(f"{name:>34}" for name in ("service", "raw", "unbatched")))
+        lines.append(f"{'concurrency':>12} " + " ".join(f"{name:>34}" for name in names))
         for c in sorted({x.concurrency for x in cells}):
             row = []
-            for name in ("service", "raw", "unbatched"):
+            for name in names:
                 x = next((x for x in cells if (x.contender, x.rpc, x.concurrency) == (name, rpc, c)), None)
                 text = "" if x is None else f"{x.throughput:8.1f} |{x.p50_ms:7.2f} |{x.p99_ms:7.2f}"
                 if x is not None and rpc == "Generate":

@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 RUNTIME_DIR = PROJECT_ROOT / "deploy" / "mlserver"
@@ -68,6 +68,7 @@ class MLServerProcess:
         max_message_bytes: int = 64 * 1024 * 1024,
         startup_timeout_s: float = 60.0,
         runtime_dir: PathLike = RUNTIME_DIR,
+        adaptive_batching: Optional[Tuple[int, float]] = None,
     ) -> None:
         self.repo_dir = Path(repo_dir).resolve()
         self.venv_dir = _project_path(venv_dir)
@@ -76,6 +77,8 @@ class MLServerProcess:
         self.max_message_bytes = max_message_bytes
         self.startup_timeout_s = startup_timeout_s
         self.runtime_dir = Path(runtime_dir).resolve()
+        # (max_batch_size, max_batch_time_s) of MLServer's adaptive batching; None: off.
+        self.adaptive_batching = adaptive_batching
         self.grpc_port: Optional[int] = None
         self.http_port: Optional[int] = None
         self.workdir: Optional[Path] = None
@@ -99,6 +102,10 @@ class MLServerProcess:
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def _write_settings(self) -> None:
+        batching = {}
+        if self.adaptive_batching:
+            size, seconds = self.adaptive_batching
+            batching["adaptive_batching"] = {"max_batch_size": size, "max_batch_time": seconds}
         settings = {
             "debug": False,
             "host": self.host,
@@ -112,7 +119,7 @@ class MLServerProcess:
             "metrics_endpoint": None,
             "load_models_at_startup": self.load_models_at_startup,
             "model_repository_implementation": "triton_repository.TritonModelRepository",
-            "model_repository_implementation_args": {"triton_root": str(self.repo_dir)},
+            "model_repository_implementation_args": {"triton_root": str(self.repo_dir), **batching},
             "environments_dir": str(self.workdir / "envs"),
             "metrics_dir": str(self.workdir / "metrics"),
         }
