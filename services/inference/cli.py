@@ -35,7 +35,8 @@ def add_serve_parser(serve_subparsers) -> None:
 
 
 def add_bench_parser(bench_subparsers) -> None:
-    p = bench_subparsers.add_parser("inference", help="service vs raw ONNX Runtime vs unbatched (vs MLServer for ModelInfer), at several concurrencies")
+    p = bench_subparsers.add_parser(
+        "inference", help="service vs raw ONNX Runtime vs unbatched (and MLServer for ModelInfer), by concurrency")
     p.add_argument("--repo", default=None, help="model repository (default: pretrain a quick model first)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
