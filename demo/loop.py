@@ -74,7 +74,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     t_start = time.perf_counter()
     out = Path(cfg.out)
     # Checked before two minutes of pretraining; the demo keeps its trainer under `out`.
-    train = {"rollout": RolloutConfig(canary_percent=cfg.canary_percent), **cfg.train}
+    # The simulated users are fast (100+ requests a second): a look every 100 scored responses lets
+    # the test's 20 looks span the trial instead of ending it undecided within seconds.
+    train = {"rollout": RolloutConfig(canary_percent=cfg.canary_percent, look_every=100), **cfg.train}
     train_config = build(TrainConfig, {**cfg.train_file, "workdir": str(out / "trainer")},
                          base=TrainConfig(workdir=out / "trainer", **train))
     out.mkdir(parents=True, exist_ok=True)

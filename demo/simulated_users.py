@@ -24,6 +24,7 @@ class UserModel:
     # Chance a judgement goes by length instead: of two answers the longer wins, and one answer
     # longer than the right one is judged good. Unlike noise, this does not wash out.
     length_bias: float = 0.0
+    session_requests: int = 20  # a user starts a new session after this many requests (canaries split by session)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ def _event(response_id: str, session_id: str, user_id: str, **signal) -> events_
 class SimulatedUser:
     def __init__(self, user_id: str, model: UserModel, oracle: GoldOracle, rng: random.Random) -> None:
         self.user_id, self.model, self.oracle, self.rng = user_id, model, oracle, rng
+        self.session_id = new_id()
+
+    def new_session(self) -> None:
         self.session_id = new_id()
 
     def wants_pair(self) -> bool:

@@ -46,6 +46,7 @@ class RolloutConfig:
     max_looks: int = 20
     max_samples: int = 5000  # per arm: undecided by then, the canary is not shown non-inferior
     poll_records: int = 1000
+    read_budget_s: float = 5.0  # reading per step; what is left is read at the next step
 
 
 def response_scores(event: events_pb2.FeedbackEvent, weights: SignalWeights) -> list[tuple[str, float, float]]:
@@ -245,7 +246,8 @@ class RolloutController:
 
     def _read(self) -> None:
         evidence = self._evidence
-        while True:
+        deadline = time.monotonic() + self.config.read_budget_s
+        while time.monotonic() < deadline:  # under live traffic the topics never run dry: bound each step
             records = self._consumer.poll(self.config.poll_records, 0.2)
             if not records:
                 break
