@@ -62,7 +62,7 @@ class DemoConfig:
         return cls(rounds=1, users=4, requests_per_round=500, out=out, gold_examples=300,
                    pretrain=replace(PretrainConfig(), n_test=200),
                    train={"reward": RewardTrainConfig(steps=200), "policy": PolicyGradientConfig(steps=30)},
-                   canary_percent=50.0, canary_max_requests=700, canary_max_s=90.0)
+                   canary_percent=50.0, canary_max_requests=1500, canary_max_s=120.0)
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
