@@ -1,5 +1,6 @@
 """Recipe: the whole loop on one machine. Pretrain -> export v1 -> start the inference and
-feedback services -> simulated users -> N rounds of train, gate, redeploy while traffic goes on."""
+feedback services -> simulated users -> N rounds of train, gate, then a canary judged by the live
+users (promote or roll back), while traffic goes on."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import json
 import secrets
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from demo.report import print_round_table, write_report_png
+from demo.report import describe_trial, print_round_table, write_report_png
 from demo.simulated_users import UserModel
 from demo.traffic import Traffic
 from fuseloop.bus import TopicConfig
@@ -20,12 +21,14 @@ from fuseloop.bus.url import open_bus
 from fuseloop.checkpoint import Checkpoint
 from fuseloop.config_file import build
 from fuseloop.repository import ModelRepository
-from fuseloop.scenes import SceneTaskConfig, make_split, png_bytes, render
+from fuseloop.scenes import Example, SceneTaskConfig, make_split, png_bytes, render
 from trainer.deploy import AdminDeployer
 from trainer.eval_set import EvalItem, EvalSet, write_eval_set
 from trainer.export import publish
 from trainer.pretrain import PretrainConfig, pretrain
+from trainer.rollout import WAIT, Decision, RolloutConfig, RolloutController
 from trainer.round import TrainConfig, Trainer
+from trainer.schedule import gate_check
 
 
 @dataclass
@@ -42,6 +45,11 @@ class DemoConfig:
     train_file: dict = field(default_factory=dict)  # TrainConfig fields from a TOML file, applied over `train`
     user_model: UserModel = field(default_factory=UserModel)
     training_think_s: float = 0.25  # users slow down while a round trains (2 cores are shared)
+    # A passing candidate first serves this share of sessions as a canary, judged by the live users
+    # (TrainConfig.rollout; a --train-config [rollout] table wins). 0: it serves everyone at once.
+    canary_percent: float = 30.0
+    canary_max_requests: int = 2000  # the trial's bound: undecided by then (or by canary_max_s), rolled back
+    canary_max_s: float = 240.0
 
     @classmethod
     def quick(cls, out: Path) -> "DemoConfig":
@@ -53,7 +61,8 @@ class DemoConfig:
 
         return cls(rounds=1, users=4, requests_per_round=500, out=out, gold_examples=300,
                    pretrain=replace(PretrainConfig(), n_test=200),
-                   train={"reward": RewardTrainConfig(steps=200), "policy": PolicyGradientConfig(steps=30)})
+                   train={"reward": RewardTrainConfig(steps=200), "policy": PolicyGradientConfig(steps=30)},
+                   canary_percent=50.0, canary_max_requests=1500, canary_max_s=120.0)
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
@@ -65,8 +74,11 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     t_start = time.perf_counter()
     out = Path(cfg.out)
     # Checked before two minutes of pretraining; the demo keeps its trainer under `out`.
+    # The simulated users are fast (100+ requests a second): a look every 100 scored responses lets
+    # the test's 20 looks span the trial instead of ending it undecided within seconds.
+    train = {"rollout": RolloutConfig(canary_percent=cfg.canary_percent, look_every=100), **cfg.train}
     train_config = build(TrainConfig, {**cfg.train_file, "workdir": str(out / "trainer")},
-                         base=TrainConfig(workdir=out / "trainer", **cfg.train))
+                         base=TrainConfig(workdir=out / "trainer", **train))
     out.mkdir(parents=True, exist_ok=True)
     run_dir, repo = out / "base-run", ModelRepository(out / "model-repository")
     if repo.versions():
@@ -79,11 +91,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     task = SceneTaskConfig(image_size=ckpt.preprocessor.config.image_size)
     # The gold oracle, written out as an eval set: the demo gates exactly as production would.
-    eval_path = out / "eval-set.jsonl"
-    write_eval_set(eval_path, [EvalItem(png_bytes(render(e.scene, task)), e.prompt, (e.answer,),
-                                        "clauses" if e.kind == "describe" else "normalized")
-                               for e in make_split("test", cfg.gold_examples, task)])
-    eval_set = EvalSet.from_file(eval_path)
+    eval_set = write_gold_eval_set(out / "eval-set.jsonl", make_split("test", cfg.gold_examples, task), task)
     base_gold = eval_set.accuracy(ckpt.family, ckpt.policy, ckpt.preprocessor)
     bus_url = cfg.bus or f"sqlite:///{(out / 'bus.db').resolve()}"
     bus = open_bus(bus_url, client_id="fuseloop-demo", spool_dir=str(out / "spool"))
@@ -99,10 +107,14 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     traffic = Traffic(inference.address, feedback.address, app_token, cfg.users, cfg.user_model, task, cfg.seed)
     trainer = Trainer(train_config, bus, repo, topics,
                       deployer=AdminDeployer(inference.address, admin_token), eval_set=eval_set)
+    judge = RolloutController(bus, repo, topics, train_config.rollout, train_config.weights,
+                              report_dir=Path(train_config.workdir))
     rounds = []
     try:
         traffic.start()
-        log(f"[4/4] {cfg.rounds} rounds of traffic -> train -> gate -> redeploy (base gold accuracy {base_gold:.3f})")
+        steps = "train -> gate -> canary -> promote or roll back" if train_config.rollout.canary_percent \
+            else "train -> gate -> redeploy"
+        log(f"[4/4] {cfg.rounds} rounds of traffic -> {steps} (base gold accuracy {base_gold:.3f})")
         for r in range(1, cfg.rounds + 1):
             traffic.think_s = 0.0
             with tqdm(total=cfg.requests_per_round, desc=f"round {r}: live traffic", unit="req") as bar:
@@ -113,28 +125,73 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
             window = traffic.take_window()
             traffic.think_s = cfg.training_think_s
             report = trainer.run_round()
-            rounds.append(round_row(report, window.summary()))
+            traffic.think_s = 0.0
+            trial = run_canary(judge, traffic, cfg) if report.get("canary") else None
+            if trial is not None:
+                log(f"round {r}: {describe_trial(trial)}")
+            rounds.append(round_row(report, window.summary(), trial))
             print_round_table(rounds, base_gold, log)
     finally:
         traffic.stop()
+        judge.close()
         trainer.close()
         feedback.stop()
         inference.stop()
         bus.close()
     result = {"base_gold_accuracy": base_gold, "final_gold_accuracy": rounds[-1]["gold_accuracy"] if rounds else base_gold,
               "rounds": rounds, "base": {k: base_metrics[k] for k in ("policy_parameters", "train_seconds")},
+              "user_model": asdict(cfg.user_model), "canary_percent": train_config.rollout.canary_percent,
               "seconds": round(time.perf_counter() - t_start, 1), "out": str(out), "bus": bus_url}
     write_report_png(out / "report.png", result)
     (out / "demo.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def round_row(report: dict, traffic: dict) -> dict:
+def write_gold_eval_set(path: Path, examples: list[Example], task: SceneTaskConfig) -> EvalSet:
+    """The gold oracle's answers to `examples` as an eval set file (the format a team would write)."""
+    write_eval_set(path, [EvalItem(png_bytes(render(e.scene, task)), e.prompt, (e.answer,),
+                                   "clauses" if e.kind == "describe" else "normalized") for e in examples])
+    return EvalSet.from_file(path)
+
+
+def run_canary(judge: RolloutController, traffic: Traffic, cfg: DemoConfig) -> dict:
+    """Steps the rollout controller while the live traffic goes on, until it promotes or rolls
+    back, or the trial's bound is reached: then it concludes the test there, and a canary not yet
+    shown non-inferior is rolled back (the conservative choice: the stable version keeps serving)."""
+    start, t0 = traffic.requests_so_far(), time.monotonic()
+    decision: Decision | None = None
+    with tqdm(total=cfg.canary_max_requests, desc="canary: live traffic", unit="req") as bar:
+        while decision is None or decision.action == WAIT:
+            served = traffic.requests_so_far() - start
+            bar.update(min(served, cfg.canary_max_requests) - bar.n)
+            bounded = served >= cfg.canary_max_requests or time.monotonic() - t0 >= cfg.canary_max_s
+            decision = judge.conclude() if bounded else judge.step()
+            if decision is None and bounded:
+                raise RuntimeError("the canary was no longer in the serving record when its trial ended")
+            if decision is None or decision.action == WAIT:
+                time.sleep(0.5)
+    return {**decision.to_dict(), "bounded": bounded, "requests": traffic.requests_so_far() - start,
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+def stopped_by(report: dict, trial: dict | None) -> list[str]:
+    """Which checks kept the round's candidate from serving everyone: gate checks (reward,
+    eval_set, kl) or the canary."""
+    checks = [gate_check(reason) for reason in report.get("gate", {}).get("reasons", [])]
+    return checks + (["canary"] if trial is not None and trial["action"] != "promote" else [])
+
+
+def round_row(report: dict, traffic: dict, trial: dict | None = None) -> dict:
     rm = report.get("reward_model", {}).get("after", {})
-    return {"round": report["round"], "version": report.get("version") or report["parent_version"],
-            "deployed": bool(report["deployed"]), "gold_accuracy": report.get("gold_accuracy"),
+    gate = report.get("gate", {})
+    promoted = bool(report["deployed"]) and (trial is None or trial["action"] == "promote")
+    # What serves everyone after the round: the candidate if it got through, else the version before.
+    gold = report.get("gold_accuracy") if promoted or trial is None else gate.get("gold_serving")
+    version = report.get("version") or report["parent_version"]
+    return {"round": report["round"], "version": version, "serving": version if promoted else report["parent_version"],
+            "deployed": promoted, "gold_accuracy": gold, "candidate_gold_accuracy": gate.get("gold_candidate"),
             "kl": report.get("policy", {}).get("kl"), "rm_pairwise_accuracy": rm.get("pairwise_accuracy"),
             "events": traffic["events"], "requests": traffic["requests"], "errors": traffic["errors"],
             "live_accuracy": traffic["live_accuracy"], "p50_ms": traffic["p50_ms"], "p99_ms": traffic["p99_ms"],
-            "train_seconds": report["seconds"], "gate": report.get("gate", {}).get("reasons", []),
-            "skipped": report.get("skipped")}
+            "train_seconds": report["seconds"], "gate": gate.get("reasons", []), "canary": trial,
+            "stopped_by": stopped_by(report, trial), "skipped": report.get("skipped")}

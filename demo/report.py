@@ -12,6 +12,19 @@ def _f(x, fmt: str = ".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+CHECKS = {"reward": "the reward-model gate", "eval_set": "the eval-set gate", "kl": "the KL budget",
+          "canary": "the canary"}
+
+
+def describe_trial(t: dict) -> str:
+    lo, hi = t["interval"]
+    bound = " (the trial's bound was reached: undecided means rolled back)" if t["bounded"] else ""
+    return (f"canary {t['canary']} beside {t['stable']}: {t['action']} after {t['requests']} requests "
+            f"({t['canary_requests']} on the canary) in {t['seconds']:.0f} s{bound}; mean score canary "
+            f"{t['mean']['canary']:.3f} (n {t['n']['canary']}) vs stable {t['mean']['stable']:.3f} "
+            f"(n {t['n']['stable']}), difference {t['difference']:+.3f}, interval [{lo:+.3f}, {hi:+.3f}]: {t['reason']}")
+
+
 def print_round_table(rounds: list[dict], base_gold: float, log=print) -> None:
     head = (f"{'round':>5} {'version':>7} {'deployed':>8} {'thumbs':>6} {'rating':>6} {'pref':>5} {'corr':>5} "
             f"{'implicit':>8} {'RM acc':>6} {'KL':>6} {'gold acc':>8} {'live acc':>8} {'p50 ms':>7} {'p99 ms':>7} {'train s':>7}")
@@ -25,6 +38,11 @@ def print_round_table(rounds: list[dict], base_gold: float, log=print) -> None:
             f"{_f(r['p99_ms'], '.1f'):>7} {_f(r['train_seconds'], '.0f'):>7}")
         if r["gate"]:
             log(f"      gate refused: {'; '.join(r['gate'])}")
+        if r.get("canary"):
+            log(f"      {describe_trial(r['canary'])}")
+        if r.get("stopped_by"):
+            log(f"      not deployed (candidate gold acc {_f(r.get('candidate_gold_accuracy'))}): "
+                f"stopped by {', '.join(CHECKS.get(c, c) for c in r['stopped_by'])}")
 
 
 def write_report_png(path: Path, result: dict) -> Path:

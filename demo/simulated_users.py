@@ -1,5 +1,6 @@
 """Simulated users: they ask about scenes, look at the answers and give explicit and implicit
-feedback. Their judgements come from the gold oracle, with noise and position bias."""
+feedback. Their judgements come from the gold oracle, with noise, position bias and, if asked, a
+systematic liking for longer answers, right or wrong (the bias an eval set has to catch)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ class UserModel:
     explicit_share: float = 0.6  # single answers that get thumbs/rating/correction
     rating_share: float = 0.3
     correction_share: float = 0.25  # of wrong answers that get explicit feedback
+    # Chance a judgement goes by length instead: of two answers the longer wins, and one answer
+    # longer than the right one is judged good. Unlike noise, this does not wash out.
+    length_bias: float = 0.0
+    session_requests: int = 20  # a user starts a new session after this many requests (canaries split by session)
 
 
 @dataclass(frozen=True)
@@ -39,12 +44,20 @@ class SimulatedUser:
         self.user_id, self.model, self.oracle, self.rng = user_id, model, oracle, rng
         self.session_id = new_id()
 
+    def new_session(self) -> None:
+        self.session_id = new_id()
+
     def wants_pair(self) -> bool:
         return self.rng.random() < self.model.pair_share
 
     def judge(self, example: Example, answer: str) -> bool:
+        if self._by_length() and len(answer.split()) > len(example.answer.split()):
+            return True
         correct = self.oracle.correct(example, answer)
         return correct if self.rng.random() >= self.model.noise else not correct
+
+    def _by_length(self) -> bool:
+        return self.model.length_bias > 0 and self.rng.random() < self.model.length_bias
 
     def react(self, example: Example, shown: list[Shown]) -> list[events_pb2.FeedbackEvent]:
         """Feedback for what was shown (1 or 2 answers), ordered as the user would send it."""
@@ -55,7 +68,10 @@ class SimulatedUser:
     def _compare(self, example: Example, a: Shown, b: Shown) -> list[events_pb2.FeedbackEvent]:
         left, right = sorted((a, b), key=lambda s: s.position)
         sl, sr = self.oracle.score(example, left.text), self.oracle.score(example, right.text)
-        if sl == sr:
+        nl, nr = len(left.text.split()), len(right.text.split())
+        if nl != nr and self._by_length():
+            prefer_left = nl > nr
+        elif sl == sr:
             prefer_left = self.rng.random() < self.model.position_bias
         else:
             prefer_left = (sl > sr) if self.rng.random() >= self.model.noise else (sl < sr)

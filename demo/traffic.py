@@ -75,9 +75,11 @@ class Traffic:
         with grpc.insecure_channel(self.inference_addr) as ich, grpc.insecure_channel(self.feedback_addr) as fch:
             infer = inference_pb2_grpc.InferenceServiceStub(ich)
             feedback = feedback_pb2_grpc.FeedbackServiceStub(fch)
-            for example in examples:
+            for k, example in enumerate(examples):
                 if self._stop.is_set():
                     return
+                if k and k % self.model.session_requests == 0:
+                    user.new_session()
                 n = 2 if user.wants_pair() else 1
                 request = inference_pb2.GenerateRequest(
                     image=png_bytes(render(example.scene, self.task)), prompt=example.prompt, num_candidates=n,

@@ -41,11 +41,19 @@ def _demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from demo.loop import DemoConfig, run_demo
+    from fuseloop.errors import UserError
 
     out = Path(args.out) if args.out else Path("demo-out") / time.strftime("%Y%m%d-%H%M%S")
     cfg = DemoConfig.quick(out) if args.quick else DemoConfig(out=out)
     cfg = replace(cfg, **{k: v for k, v in (("rounds", args.rounds), ("users", args.users), ("bus", args.bus),
-                                            ("requests_per_round", args.requests_per_round)) if v is not None})
+                                            ("requests_per_round", args.requests_per_round),
+                                            ("canary_percent", args.canary)) if v is not None})
+    if args.user_bias is not None:
+        if not 0 <= args.user_bias <= 1:
+            raise UserError(f"--user-bias is a probability between 0 and 1, got {args.user_bias:g}")
+        cfg = replace(cfg, user_model=replace(cfg.user_model, length_bias=args.user_bias))
+    if cfg.canary_percent and not 0 < cfg.canary_percent < 100:
+        raise UserError(f"--canary is a share of traffic between 0 and 100 percent, got {cfg.canary_percent:g}")
     if args.train_config:
         from fuseloop.config_file import load_toml
 
@@ -86,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small settings (a minute or two)")
     p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
     p.add_argument("--train-config", help="TOML file of TrainConfig fields for the rounds (as `fuseloop train --config`)")
+    p.add_argument("--canary", type=float, metavar="PERCENT",
+                   help="share of sessions a passing candidate serves on trial first (default 30; 0: deploy at once)")
+    p.add_argument("--user-bias", type=float, metavar="P",
+                   help="chance a simulated user judges by length (the longer answer wins, right or wrong)")
     p.set_defaults(func=_demo)
 
     serve = sub.add_parser("serve", help="run a service").add_subparsers(dest="service", required=True)

@@ -106,3 +106,14 @@ def test_train_against_an_unreachable_broker_names_it(tmp_path, shared_repo_dir)
     line = one_line_error(fuseloop("train", "--repo", str(shared_repo_dir), "--bus", bus, "--rounds", "1",
                                    "--workdir", str(tmp_path / "work")))
     assert "cannot reach Kafka at 127.0.0.1:" in line
+
+
+
+def test_the_demo_refuses_a_bias_or_canary_share_out_of_range_before_pretraining(tmp_path, capsys):
+    from fuseloop.cli import main
+
+    assert main(["demo", "--user-bias", "1.5", "--out", str(tmp_path / "a")]) != 0
+    assert capsys.readouterr().err.strip() == "error: --user-bias is a probability between 0 and 1, got 1.5"
+    assert main(["demo", "--canary", "100", "--out", str(tmp_path / "b")]) != 0
+    assert capsys.readouterr().err.strip() == "error: --canary is a share of traffic between 0 and 100 percent, got 100"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -1,5 +1,6 @@
 """The main job, small: the closed loop runs through the real services, the model gets better,
-and the gate never deploys a version that is worse on the gold eval set than the one serving."""
+the gate never deploys a version that is worse on the gold eval set than the one serving, and a
+passing candidate serves a canary share first, promoted or rolled back by its users' feedback."""
 
 import json
 
@@ -24,11 +25,18 @@ def test_a_short_demo_improves_the_model_and_deploys_only_improvements(tmp_path,
     previous = result["base_gold_accuracy"]
     repo = ModelRepository(out / "model-repository")
     for r in rounds:
+        trial = r["canary"]  # every passing candidate goes on trial first
+        assert (trial is not None) == (not r["gate"] and not r["skipped"])
+        if trial is not None:
+            assert trial["canary"] == r["version"] and trial["requests"] > 0
+            assert trial["action"] in ("promote", "rollback") and len(trial["interval"]) == 2
+            assert trial["n"]["canary"] > 0 and trial["n"]["stable"] > 0
         if r["deployed"]:
             assert r["gold_accuracy"] >= previous  # the eval-set gate: never worse than serving
+            assert trial["action"] == "promote" and r["serving"] == r["version"]
             assert repo.manifest(r["version"]).lineage["parent_version"] >= 1
         else:
-            assert r["gate"], "a candidate that was not deployed says why"
+            assert r["stopped_by"] or r["skipped"], "a candidate that was not deployed says what stopped it"
         previous = r["gold_accuracy"]
     assert any(r["deployed"] for r in rounds), "one round of feedback yields a better, deployed version"
     assert result["final_gold_accuracy"] > result["base_gold_accuracy"]

@@ -131,3 +131,21 @@ def test_a_broken_canary_is_rolled_back_from_live_feedback_alone(broken_canary_r
         controller.close()
         server.stop()
         bus.close()
+
+
+def test_a_trial_that_ends_undecided_at_its_bound_rolls_the_canary_back(repo_copy, tmp_path):
+    repo = ModelRepository(repo_copy)
+    RecordDeployer(repo).deploy(1)
+    RecordDeployer(repo).canary(2, 30)
+    bus = open_bus(f"sqlite:///{tmp_path / 'bus.db'}", client_id="rollout-test")
+    controller = RolloutController(bus, repo, TopicConfig(), report_dir=tmp_path)
+    try:
+        assert controller.step() is None  # no evidence yet: no look is due
+        decision = controller.conclude()  # the caller's bound (requests, seconds) is reached
+    finally:
+        controller.close()
+        bus.close()
+    assert decision.action == ROLLBACK and decision.n == {"stable": 0, "canary": 0}
+    assert "not shown non-inferior" in decision.reason
+    assert (repo.serving_state().serving, repo.serving_state().canary) == (1, None)
+    assert controller.conclude() is None  # no canary left to judge

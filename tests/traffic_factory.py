@@ -24,11 +24,12 @@ class PublishedTraffic:
 
 
 def publish_traffic(bus: EventBus, topics: TopicConfig, ckpt: Checkpoint, requests: int, seed: int = 0,
-                    users: int = 8, app_id: str = "test-app") -> PublishedTraffic:
+                    users: int = 8, app_id: str = "test-app",
+                    user_model: UserModel = UserModel(pair_share=0.4)) -> PublishedTraffic:
     pre = ckpt.preprocessor
     rng = random.Random(seed)
     oracle = GoldOracle()
-    people = [SimulatedUser(f"user-{i}", UserModel(pair_share=0.4), oracle, rng) for i in range(users)]
+    people = [SimulatedUser(f"user-{i}", user_model, oracle, rng) for i in range(users)]
     task = SceneTaskConfig(image_size=pre.config.image_size)
     examples = make_examples(requests, seed=9_000 + seed, config=task)
     images = [png_bytes(render(e.scene, task)) for e in examples]

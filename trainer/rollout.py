@@ -46,6 +46,7 @@ class RolloutConfig:
     max_looks: int = 20
     max_samples: int = 5000  # per arm: undecided by then, the canary is not shown non-inferior
     poll_records: int = 1000
+    read_budget_s: float = 5.0  # reading per step; what is left is read at the next step
 
 
 def response_scores(event: events_pb2.FeedbackEvent, weights: SignalWeights) -> list[tuple[str, float, float]]:
@@ -194,22 +195,39 @@ class RolloutController:
 
     def step(self) -> Decision | None:
         """Reads what is new, looks when due, and acts. None: no canary, or no look due."""
-        record = self.repo.serving_state()
-        if record.canary is None:
-            self.close()
-            self._trial = None
+        record, scores = self._gather()
+        if record is None:
             return None
-        if self._trial != (record.canary, record.canary_since_ms):
-            self._begin(record)
-        self._read()
-        scores = self._evidence.scores()
         scored = len(scores["stable"]) + len(scores["canary"])
         if min(len(scores["stable"]), len(scores["canary"])) < self.config.min_samples or \
                 scored - self._looked_at < self.config.look_every:
             return None
         self._looked_at = scored
         self._looks += 1
-        decision = decide(scores["stable"], scores["canary"], self._looks, self.config, record.canary, record.serving)
+        return self._look(record, scores, self._looks)
+
+    def conclude(self) -> Decision | None:
+        """A last look now, because the caller's bound on the trial (requests, time) is reached:
+        decided as at the test's final look, so a canary not yet shown non-inferior is rolled back.
+        None: no canary."""
+        record, scores = self._gather()
+        if record is None:
+            return None
+        return self._look(record, scores, self.config.max_looks)
+
+    def _gather(self) -> tuple[ServingState | None, dict[str, list[float]]]:
+        record = self.repo.serving_state()
+        if record.canary is None:
+            self.close()
+            self._trial = None
+            return None, {}
+        if self._trial != (record.canary, record.canary_since_ms):
+            self._begin(record)
+        self._read()
+        return record, self._evidence.scores()
+
+    def _look(self, record: ServingState, scores: dict[str, list[float]], look: int) -> Decision:
+        decision = decide(scores["stable"], scores["canary"], look, self.config, record.canary, record.serving)
         decision.canary_requests = self._evidence.requests["canary"]
         decision.decided_at_ms = int(time.time() * 1000)
         if decision.action != WAIT:
@@ -228,7 +246,8 @@ class RolloutController:
 
     def _read(self) -> None:
         evidence = self._evidence
-        while True:
+        deadline = time.monotonic() + self.config.read_budget_s
+        while time.monotonic() < deadline:  # under live traffic the topics never run dry: bound each step
             records = self._consumer.poll(self.config.poll_records, 0.2)
             if not records:
                 break
