@@ -10,7 +10,8 @@ import random
 import pytest
 
 from fuseloop.errors import ConfigError
-from fuseloop.scenes import GoldOracle, alternative_answer, make_split, png_bytes, render
+from demo.loop import write_gold_eval_set
+from fuseloop.scenes import GoldOracle, SceneTaskConfig, alternative_answer, make_split, png_bytes, render
 from tests.test_cli_errors import fuseloop, one_line_error
 from tests.test_rollout import broken_checkpoint
 from trainer.batches import ContextTensors
@@ -82,10 +83,7 @@ def test_a_missing_eval_set_or_scorer_is_one_line_from_the_command_line(tmp_path
 def gold_as_eval_set(tmp_path_factory):
     """The demo's gold oracle written out as an eval set, as the demo writes it."""
     examples = make_split("test", 60)
-    path = tmp_path_factory.mktemp("eval") / "gold.jsonl"
-    write_eval_set(path, [EvalItem(png_bytes(render(e.scene)), e.prompt, (e.answer,),
-                                   "clauses" if e.kind == "describe" else "normalized") for e in examples])
-    return examples, EvalSet.from_file(path)
+    return examples, write_gold_eval_set(tmp_path_factory.mktemp("eval") / "gold.jsonl", examples, SceneTaskConfig())
 
 
 def test_the_gold_oracle_written_as_an_eval_set_scores_exactly_as_the_oracle(gold_as_eval_set, quick_checkpoint):
