@@ -187,6 +187,10 @@ def test_a_canary_takes_a_sticky_tenth_of_sessions_on_every_replica_then_promote
     assert abs(share - 0.10) < 0.04, share
     canary_calls = sum(s.server.metrics.responses.labels("1", "canary")._value.get() for s in servers)
     assert canary_calls == 2 * sum(v == {"1"} for v in arm_of.values())
+    timed = sum(s.server.metrics.registry.get_sample_value(
+        "fuseloop_inference_version_latency_seconds_count", {"method": "Generate", "version": "1", "arm": "canary"}) or 0
+        for s in servers)
+    assert timed == canary_calls  # the canary's latency is its own series, beside the stable version's
     # Deploying the canary's version promotes it: everyone gets it, the trial ends.
     assert clients[0].deploy("1").serving_version == "1"
     converged_in(clients, "1")

@@ -23,6 +23,9 @@ class InferenceMetrics(MetricsRegistry):
                                 ["method", "code"], registry=r)
         self.latency = Histogram("fuseloop_inference_latency_seconds", "RPC latency, by method", ["method"],
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.version_latency = Histogram("fuseloop_inference_version_latency_seconds",
+                                         "Generate latency by model version and arm (stable, canary), to compare them",
+                                         ["method", "version", "arm"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("fuseloop_inference_queue_seconds", "Time from submission to the first model call",
                                     ["kind"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("fuseloop_inference_batch_size", "Rows per model call, by kind (encode, decode, score)",

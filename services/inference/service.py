@@ -54,6 +54,7 @@ class ObservedRpc:
 
     def __init__(self, metrics: InferenceMetrics, method: str) -> None:
         self.metrics, self.method = metrics, method
+        self.lease: Lease | None = None  # set once the call has a version: its latency is also counted by version and arm
         self._recorded = False
 
     async def __aenter__(self) -> "ObservedRpc":
@@ -70,7 +71,11 @@ class ObservedRpc:
         if not self._recorded:
             self._recorded = True
             self.metrics.requests.labels(self.method, code.name).inc()
-            self.metrics.latency.labels(self.method).observe(time.perf_counter() - self.t0)
+            seconds = time.perf_counter() - self.t0
+            self.metrics.latency.labels(self.method).observe(seconds)
+            if self.lease is not None:
+                self.metrics.version_latency.labels(self.method, str(self.lease.loaded.version),
+                                                    self.lease.arm).observe(seconds)
 
 
 async def abort_for(context: grpc.aio.ServicerContext, call: ObservedRpc, error: Exception) -> None:
@@ -105,7 +110,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             try:
                 with self.engine.queue.arriving() as arrival, \
                         self.deployment.acquire(request.session_id or request_id) as lease:
-                    loaded = lease.loaded
+                    loaded, call.lease = lease.loaded, lease
                     params = generate_params(request, self.config, self._max_tokens(loaded))
                     pixels, prompt_ids = await self._inputs(loaded, request.image, request.prompt,
                                                             for_engine=not params.rerank)  # reranking scores pixels here
@@ -141,7 +146,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             try:
                 with self.engine.queue.arriving() as arrival, \
                         self.deployment.acquire(request.session_id or request_id) as lease:
-                    loaded = lease.loaded
+                    loaded, call.lease = lease.loaded, lease
                     params = generate_params(request, self.config, self._max_tokens(loaded))
                     if params.rerank:
                         raise InvalidInput("best_of reranks finished candidates, so it cannot stream; use Generate")
