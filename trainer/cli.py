@@ -28,8 +28,6 @@ def train_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fuseloop.bus import TopicConfig
-    from fuseloop.bus.url import open_bus
     from fuseloop.config_file import to_toml
     from fuseloop.repository import ModelRepository
     from trainer.deploy import make_deployer
@@ -50,11 +48,7 @@ def _train(args: argparse.Namespace) -> int:
                 if scheduled else Schedule(every_s=0.0, max_rounds=max_rounds))
     if not Path(args.repo).is_dir():
         raise UserError(f"the model repository {args.repo} does not exist: run `fuseloop export` into it first")
-    topics = TopicConfig(args.inference_topic, args.feedback_topic, args.dead_letter_topic)
-    try:
-        bus = open_bus(args.bus, client_id="fuseloop-trainer")
-    except ValueError as e:  # a malformed bus URL
-        raise UserError(str(e)) from None
+    bus, topics = _bus_and_topics(args, "fuseloop-trainer")
     repo = ModelRepository(Path(args.repo))
     eval_set = EvalSet.from_file(Path(args.eval_set), args.eval_scorer) if args.eval_set else None
     trainer = Trainer(config, bus, repo, topics, deployer=make_deployer(args.deploy_to, args.admin_token, repo),
@@ -81,14 +75,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bus_and_topics(args: argparse.Namespace, client_id: str):
+    from fuseloop.bus import TopicConfig
+    from fuseloop.bus.url import open_bus
+
+    try:
+        bus = open_bus(args.bus, client_id=client_id)
+    except ValueError as e:  # a malformed bus URL
+        raise UserError(str(e)) from None
+    return bus, TopicConfig(args.inference_topic, args.feedback_topic, args.dead_letter_topic)
+
+
 def _print_decision(decision) -> None:
     if decision is not None and decision.action != "wait":
         print(json.dumps({"rollout": decision.to_dict()}, indent=2), flush=True)
 
 
 def _rollout(args: argparse.Namespace) -> int:
-    from fuseloop.bus import TopicConfig
-    from fuseloop.bus.url import open_bus
     from fuseloop.repository import ModelRepository
     from trainer.rollout import RolloutController
     from trainer.schedule import StopSignals, parse_duration
@@ -97,11 +100,7 @@ def _rollout(args: argparse.Namespace) -> int:
     if not Path(args.repo).is_dir():
         raise UserError(f"the model repository {args.repo} does not exist")
     interval = parse_duration(args.interval)
-    try:
-        bus = open_bus(args.bus, client_id="fuseloop-rollout")
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    topics = TopicConfig(args.inference_topic, args.feedback_topic, args.dead_letter_topic)
+    bus, topics = _bus_and_topics(args, "fuseloop-rollout")
     judge = RolloutController(bus, ModelRepository(Path(args.repo)), topics, config.rollout, config.weights,
                               report_dir=config.workdir)
     try:
