@@ -3,7 +3,7 @@ trainer and users' own checkpoints read back.
 
     checkpoint.json               {"family": ...}: which model family reads the weights
     policy/, reward/, reference/  each as `save_pretrained` writes a model: config.json + model.safetensors
-    tokenizer/                    AutoTokenizer loads it
+    tokenizer/, image_processor/  AutoTokenizer and AutoImageProcessor load them (the latter: Hugging Face families)
     preprocess.json, metrics.json
 
 Directories written before families (policy.pt, reward.pt, reference.pt and model_config.json)
@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 
 from fuseloop.families import ModelFamily, family_for
-from fuseloop.preprocessing import PreprocessConfig, Preprocessor
-from fuseloop.tokenizer import load_tokenizer, save_tokenizer
+from fuseloop.preprocessing import PreprocessConfig, Preprocessor, load_preprocessor, save_preprocessor
 
 POLICY, REWARD, REFERENCE = "policy", "reward", "reference"
 INFO = "checkpoint.json"
@@ -52,16 +51,16 @@ class Checkpoint:
         self.family.save(self.reward, directory / REWARD)
         if self.reference is not None:
             self.family.save(self.reference, directory / REFERENCE)
-        save_tokenizer(self.preprocessor.tokenizer, directory / "tokenizer")
+        save_preprocessor(self.preprocessor, directory)
+        self.family.save_assets(self.preprocessor, directory / POLICY)
         (directory / "preprocess.json").write_text(json.dumps(asdict(self.preprocessor.config), indent=2))
         (directory / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> "Checkpoint":
         directory = Path(directory)
-        pre = json.loads((directory / "preprocess.json").read_text())
-        pre["image_formats"] = tuple(pre["image_formats"])
-        preprocessor = Preprocessor(load_tokenizer(directory / "tokenizer"), PreprocessConfig(**pre))
+        config = PreprocessConfig.from_dict(json.loads((directory / "preprocess.json").read_text()))
+        preprocessor = load_preprocessor(directory, config)
         metrics_path = directory / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         if not (directory / INFO).exists():

@@ -1,8 +1,11 @@
 """Preprocessing, the one copy that training and serving both run.
 
 Images arrive as PNG/JPEG bytes (serving, logged events) or PIL images (pretraining renders);
-both go through `image_array`. The config travels in each version's manifest, so a served
-model is always fed exactly as it was trained.
+both are checked by `decode_image`, then turned into pixels by the model's own Hugging Face image
+processor when it has one, else by `image_array`. Prompts go through the tokenizer's chat template;
+a decoder-only VLM's prompt gets its image placeholders here too (`image_token`). The config
+travels in each version's manifest, and the tokenizer and image processor in its folder
+(`save_preprocessor` / `load_preprocessor`), so a served model is always fed exactly as it was trained.
 """
 
 from __future__ import annotations
@@ -13,11 +16,16 @@ import io
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoImageProcessor, PreTrainedTokenizerFast
+
+from fuseloop.tokenizer import load_tokenizer, save_tokenizer
+
+TOKENIZER_DIR, IMAGE_PROCESSOR_DIR = "tokenizer", "image_processor"
 
 
 class InvalidInput(ValueError):
@@ -35,6 +43,15 @@ class PreprocessConfig:
     max_image_bytes: int = 4 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     image_formats: tuple[str, ...] = ("PNG", "JPEG")
+    # Early-fusion (LLaVA-style) models: the prompt starts with this token, expanded into
+    # `image_tokens` placeholders whose embeddings the image features replace. "" for none.
+    image_token: str = ""
+    image_tokens: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        """From its JSON form (a manifest's, a checkpoint's preprocess.json)."""
+        return cls(**{**d, "image_formats": tuple(d.get("image_formats", cls.image_formats))})
 
     def within(self, max_image_bytes: int, max_image_pixels: int) -> "PreprocessConfig":
         """The same preprocessing with image limits no looser than these (a service's own limits
@@ -87,12 +104,15 @@ def image_array(img: Image.Image, config: PreprocessConfig) -> np.ndarray:
 class Preprocessor:
     """Turns images, prompts and responses into model inputs, and token ids back into text."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, config: PreprocessConfig) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, config: PreprocessConfig,
+                 image_processor: object | None = None) -> None:
         self.tokenizer = tokenizer
         self.config = config
+        self.image_processor = image_processor  # a Hugging Face model's own; None: `image_array`
         self.pad_id = tokenizer.pad_token_id
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
+        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token) if config.image_token else None
 
     def memoized(self, maxsize: int | None = 4096) -> "Preprocessor":
         """This preprocessor, tokenizing each distinct prompt and response once (LRU of `maxsize`,
@@ -104,19 +124,33 @@ class Preprocessor:
         return out
 
     def image(self, image: bytes | Image.Image) -> np.ndarray:
+        """(3, H, W) float32 pixels of PNG/JPEG bytes (checked first) or a PIL image."""
         if isinstance(image, (bytes, bytearray)):
-            return image_pixels(image, self.config)
-        return image_array(image, self.config)
+            image = decode_image(image, self.config)
+        if self.image_processor is None:
+            return image_array(image, self.config)
+        pixels = self.image_processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"]
+        return np.asarray(pixels[0], dtype=np.float32)
 
     def images(self, images: list[bytes | Image.Image]) -> np.ndarray:
         return np.stack([self.image(i) for i in images])
 
     def prompt_ids(self, prompt: str) -> list[int]:
+        """The chat-templated prompt's ids (with its image placeholders, for an early-fusion model);
+        the length limit counts the text, not the placeholders."""
         if not prompt.strip():
             raise InvalidInput("prompt is empty")
-        ids = self.tokenizer.encode(chat_prompt(self.tokenizer, prompt), add_special_tokens=False)
-        if len(ids) > self.config.max_prompt_tokens:
-            raise InvalidInput(f"prompt is {len(ids)} tokens; the limit is {self.config.max_prompt_tokens}")
+        token = self.config.image_token
+        if token and token in prompt:
+            raise InvalidInput(f"prompt contains the image token {token!r}; the service places the image itself")
+        content = f"{token} {prompt}" if token else prompt
+        ids = self.tokenizer.encode(chat_prompt(self.tokenizer, content), add_special_tokens=False)
+        text = len(ids) - (1 if token else 0)
+        if text > self.config.max_prompt_tokens:
+            raise InvalidInput(f"prompt is {text} tokens; the limit is {self.config.max_prompt_tokens}")
+        if token:
+            at = ids.index(self.image_token_id)
+            ids[at:at + 1] = [self.image_token_id] * self.config.image_tokens
         return ids
 
     def prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -140,6 +174,22 @@ class Preprocessor:
 
     def _pad(self, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         return pad_right(seqs, self.pad_id)
+
+
+def save_preprocessor(pre: Preprocessor, directory: Path) -> None:
+    """Writes the tokenizer (directory/tokenizer) and the image processor, if any
+    (directory/image_processor), as `save_pretrained` does; the config travels separately."""
+    save_tokenizer(pre.tokenizer, Path(directory) / TOKENIZER_DIR)
+    if pre.image_processor is not None:
+        pre.image_processor.save_pretrained(str(Path(directory) / IMAGE_PROCESSOR_DIR))
+
+
+def load_preprocessor(directory: Path, config: PreprocessConfig) -> Preprocessor:
+    """Reads back what `save_preprocessor` wrote."""
+    directory = Path(directory)
+    images = directory / IMAGE_PROCESSOR_DIR
+    image_processor = AutoImageProcessor.from_pretrained(str(images), local_files_only=True) if images.is_dir() else None
+    return Preprocessor(load_tokenizer(directory / TOKENIZER_DIR), config, image_processor)
 
 
 def _copying(fn: Callable[[str], list[int]]) -> Callable[[str], list[int]]:

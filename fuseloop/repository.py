@@ -83,9 +83,7 @@ class Manifest:
         return cls(**json.loads(text))
 
     def preprocess_config(self) -> PreprocessConfig:
-        d = dict(self.preprocess)
-        d["image_formats"] = tuple(d.get("image_formats", ("PNG", "JPEG")))
-        return PreprocessConfig(**d)
+        return PreprocessConfig.from_dict(self.preprocess)
 
     def io(self, model: str, kind: str) -> list[TensorSpec]:
         return [TensorSpec.from_dict(t) for t in self.signatures[model][kind]]

@@ -28,4 +28,4 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
 
 
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
-    return AutoTokenizer.from_pretrained(str(directory))
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)

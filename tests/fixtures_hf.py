@@ -97,7 +97,7 @@ def build_family_run(name: str, root: Path) -> FamilyRun:
     run = FamilyRun(name, module, base_dir, base, lora, root / "policy", loaded, reward, {}, {}, generate)
     if name == "encoder_decoder":  # exported once, as the trainer publishes it
         run.ckpt = Checkpoint(family_for("hf-encoder-decoder"), loaded.model, reward,
-                              Preprocessor(loaded.tokenizer, PreprocessConfig()))
+                              Preprocessor(loaded.tokenizer, PreprocessConfig(), loaded.image_processor))
         run.repo = ModelRepository(root / "repo")
         run.manifest = publish(run.ckpt, run.repo)
         run.paths = {m: run.repo.model_path(m, run.manifest.version) for m in MODELS}

@@ -21,6 +21,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from fuseloop.checkpoint import Checkpoint
 from fuseloop.families.onnx_export import export_onnx
+from fuseloop.preprocessing import save_preprocessor
 from fuseloop.repository import MODELS, Manifest, ModelRepository, TensorSpec
 
 ONNX_TO_KSERVE = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.INT32: "INT32",
@@ -116,8 +117,7 @@ def publish(ckpt: Checkpoint, repo: ModelRepository, parent_version: int | None 
         paths = export_graphs(ckpt, tmp / "onnx", same_architecture_graphs(repo, ckpt))
         signatures = {m: graph_signature(p) for m, p in paths.items()}
         parity = export_parity(ckpt, paths)
-        tok_dir = tmp / "tokenizer"
-        ckpt.preprocessor.tokenizer.save_pretrained(str(tok_dir))
+        save_preprocessor(ckpt.preprocessor, tmp / "preprocessor")
         ckpt.save(tmp / "checkpoint")
         manifest = Manifest(
             version=0, parent_version=parent_version,
@@ -129,7 +129,8 @@ def publish(ckpt: Checkpoint, repo: ModelRepository, parent_version: int | None 
         manifest.metrics["export_max_abs_diff"] = parity
         manifest.metrics["export_seconds"] = round(time.perf_counter() - t0, 1)
         configs = {m: triton_config(m, signatures[m]) for m in MODELS}
-        extra = {"tokenizer": tok_dir, "checkpoint": tmp / "checkpoint"}
+        extra = {"checkpoint": tmp / "checkpoint",
+                 **{p.name: p for p in sorted((tmp / "preprocessor").iterdir())}}  # tokenizer, image_processor
         return repo.write_version(repo.next_version(), paths, extra, manifest, configs)
 
 

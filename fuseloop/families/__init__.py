@@ -1,5 +1,6 @@
 """Model families by name. Adding one is a module that implements `ModelFamily` and `Stepper`
-(fuseloop/families/base.py) and a line in FAMILIES; a family is imported only when asked for.
+(fuseloop/families/base.py) and a line in FAMILIES (a Hugging Face family: also the architecture
+its config.json names, in HF_ARCHITECTURES); a family is imported only when asked for.
 
 A version's manifest and a checkpoint record their family's name; those written before families
 existed have none, and mean "builtin".
@@ -19,7 +20,12 @@ FAMILIES: Mapping[str, str] = {  # name -> "module:class"
     "hf-encoder-decoder": "fuseloop.families.hf_encoder_decoder:HFEncoderDecoderFamily",
 }
 
-__all__ = ["DEFAULT", "FAMILIES", "DecodeState", "Graph", "GraphRunner", "ModelFamily", "Stepper", "family_for"]
+# config.json "architectures" -> family: how `fuseloop import hf:DIR` knows what it was given.
+HF_ARCHITECTURES: Mapping[str, str] = {
+    "VisionEncoderDecoderModel": "hf-encoder-decoder",
+}
+
+__all__ = ["HF_ARCHITECTURES", "DEFAULT", "FAMILIES", "DecodeState", "Graph", "GraphRunner", "ModelFamily", "Stepper", "family_for"]
 
 
 def family_for(source: object = None) -> ModelFamily:

@@ -200,6 +200,15 @@ class ModelFamily(ABC):
     def save(self, module: nn.Module, directory: Path) -> None:
         """Writes a policy or reward model as `save_pretrained` does: config.json + model.safetensors."""
 
+    def save_assets(self, preprocessor: Any, directory: Path) -> None:
+        """Beside a policy `save` wrote, what a `from_pretrained` user needs to run it (a Hugging
+        Face family: the tokenizer and image processor). The built-in model needs nothing."""
+
+    def preprocess_config(self, policy: nn.Module, tokenizer: Any, config: Any) -> Any:
+        """The PreprocessConfig a model directory's policy needs, from the one given (a
+        decoder-only family sets its image placeholders). As given by default."""
+        return config
+
     @abstractmethod
     def load_policy(self, directory: Path) -> nn.Module:
         """Reads back what `save` wrote for a policy."""

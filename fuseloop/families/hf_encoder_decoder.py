@@ -30,6 +30,7 @@ from transformers import (AutoImageProcessor, AutoTokenizer, DynamicCache, Encod
 
 from fuseloop.families import hf_layout
 from fuseloop.families.base import DecodeState, Graph, ModelFamily, Stepper
+from fuseloop.families.hf_loading import load_strict
 from fuseloop.families.hf_layout import empty_past, left_align, pack_past, positions, unpack_past
 from fuseloop.families.hf_onnx import dim
 from fuseloop.families.hf_reward import HFRewardModel
@@ -120,7 +121,7 @@ def reward_model(policy: VisionEncoderDecoderModel) -> HFRewardModel:
 
 
 def load_reward(directory: Path) -> HFRewardModel:
-    backbone = VisionEncoderDecoderModel.from_pretrained(str(directory), local_files_only=True)
+    backbone = load_strict(VisionEncoderDecoderModel, directory)
     return HFRewardModel(backbone, hidden_states, backbone.config.decoder.hidden_size).load_head(directory)
 
 
@@ -290,8 +291,13 @@ class HFEncoderDecoderFamily(ModelFamily):
         else:
             module.save_pretrained(str(directory))
 
+    def save_assets(self, preprocessor, directory: Path) -> None:
+        preprocessor.tokenizer.save_pretrained(str(directory))
+        if preprocessor.image_processor is not None:
+            preprocessor.image_processor.save_pretrained(str(directory))
+
     def load_policy(self, directory: Path) -> VisionEncoderDecoderModel:
-        return VisionEncoderDecoderModel.from_pretrained(str(directory), local_files_only=True)
+        return load_strict(VisionEncoderDecoderModel, directory)
 
     def load_reward(self, directory: Path) -> HFRewardModel:
         return load_reward(directory)

@@ -14,8 +14,8 @@ import numpy as np
 from fuseloop.errors import UserError
 from fuseloop.families import Stepper, family_for
 from fuseloop.preprocessing import Preprocessor
-from fuseloop.repository import Manifest, ModelRepository, RepositoryError, TensorSpec
-from fuseloop.tokenizer import load_tokenizer
+from fuseloop.preprocessing import load_preprocessor as read_preprocessor
+from fuseloop.repository import ENCODER, Manifest, ModelRepository, RepositoryError, TensorSpec
 
 
 class RuntimeError_(Exception):
@@ -95,4 +95,4 @@ def check_signature(version: int, model: str, expected: list[TensorSpec], actual
 
 
 def load_preprocessor(repo: ModelRepository, version: int, manifest: Manifest) -> Preprocessor:
-    return Preprocessor(load_tokenizer(repo.tokenizer_dir(version)), manifest.preprocess_config())
+    return read_preprocessor(repo.version_dir(ENCODER, version), manifest.preprocess_config())
