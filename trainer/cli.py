@@ -22,9 +22,13 @@ def train_config(args: argparse.Namespace):
     if args.workdir is not None:
         values["workdir"] = args.workdir
     flags = {"reward.steps": getattr(args, "rm_steps", None), "policy.steps": getattr(args, "pg_steps", None),
-             "ingest.poll_records": getattr(args, "ingest_batch", None)}
+             "ingest.poll_records": getattr(args, "ingest_batch", None),
+             "policy.lora_rank": getattr(args, "lora_rank", None)}
     values = apply_overrides(values, [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set))
-    return build(TrainConfig, values, base=TrainConfig(workdir=Path(DEFAULT_WORKDIR)))
+    config = build(TrainConfig, values, base=TrainConfig(workdir=Path(DEFAULT_WORKDIR)))
+    if config.policy.lora_rank < 0:
+        raise UserError(f"--lora-rank (policy.lora_rank) is a positive rank, or 0 for no LoRA; got {config.policy.lora_rank}")
+    return config
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -204,6 +208,9 @@ def add_parsers(sub: argparse._SubParsersAction, bench: argparse._SubParsersActi
     p.add_argument("--metrics-port", type=int, help="serve the trainer's Prometheus /metrics on this port")
     p.add_argument("--rm-steps", type=int, help="reward-model steps per round")
     p.add_argument("--pg-steps", type=int, help="policy-gradient steps per round")
+    p.add_argument("--lora-rank", type=int, metavar="R",
+                   help="train rank-R LoRA adapters instead of every weight (Hugging Face families; the reference "
+                        "policy is the base under them; versions are published merged)")
     p.add_argument("--inference-topic", default="fuseloop.inference")
     p.add_argument("--feedback-topic", default="fuseloop.feedback")
     p.add_argument("--dead-letter-topic", default="fuseloop.dead-letter")

@@ -1,5 +1,8 @@
 """Recipe: one training round. Consume -> join -> reward model -> policy gradient -> gate ->
-publish -> redeploy, with a report, a CSV row and PNG curves."""
+publish -> redeploy, with a report, a CSV row and PNG curves. Every step goes through the
+checkpoint's model family, so a round runs the same on the built-in model and a Hugging Face
+one; with `policy.lora_rank` (Hugging Face families) it trains LoRA adapters and publishes them
+merged, so every version and candidate stays a directory `transformers` loads."""
 
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ from pathlib import Path
 from fuseloop.bus import EventBus, TopicConfig
 from fuseloop.checkpoint import Checkpoint
 from fuseloop.config_file import to_dict
+from fuseloop.errors import UserError
 from fuseloop.events import dead_letter
+from fuseloop.families import DEFAULT as BUILTIN
 from fuseloop.repository import ModelRepository, RepositoryError
 from trainer.batches import ContextTensors
 from trainer.deploy import Deployer
@@ -44,6 +49,13 @@ class TrainConfig:
     heldout_share: float = 0.15
     join_grace_rounds: int = 1  # feedback whose response is still unknown after this many rounds: dead letter
     min_new_feedback: int = 20  # fewer new feedback events: no training this round
+
+
+def refuse_lora_for(family: str, rank: int) -> None:
+    """LoRA adapters are peft's, on a `transformers` policy: the built-in family has none."""
+    if family == BUILTIN:
+        raise UserError(f"--lora-rank {rank} (policy.lora_rank): the built-in model has no LoRA adapters, only Hugging "
+                        "Face families do; train it in full without --lora-rank, or import a Hugging Face model")
 
 
 class ProcessGroup:
@@ -105,6 +117,8 @@ class Trainer:
         self.config, self.bus, self.repo, self.topics = config, bus, repo, topics
         self.deployer, self.gold, self.group, self.eval_set = deployer, gold, group, eval_set
         Path(config.workdir).mkdir(parents=True, exist_ok=True)
+        if config.policy.lora_rank and (latest := repo.latest()) is not None:
+            refuse_lora_for(repo.manifest(latest).family or BUILTIN, config.policy.lora_rank)
         self.store = DatasetStore(Path(config.workdir) / "dataset.db")
         self.ingestor = Ingestor(bus, self.store, topics, config.ingest)
 
@@ -135,8 +149,7 @@ class Trainer:
             return self._finish(round_, report, t0)
 
         ckpt = Checkpoint.load(self.repo.checkpoint_dir(base))
-        reference = ckpt.reference or copy.deepcopy(ckpt.policy)
-        serving_policy = copy.deepcopy(ckpt.policy)
+        policy, reference, serving_policy = self._policies(ckpt)
         tensors = ContextTensors(ckpt.preprocessor)
 
         timings = report.setdefault("timings", {"ingest": round(ingest.seconds, 1)})
@@ -151,9 +164,14 @@ class Trainer:
             [Context(p, img, rid) for rid, p, img in self.store.requests(since, self.config.max_prompts)])
         train_ctx = [c for c in contexts if not is_heldout(c.request_id, self.config.heldout_share)]
         held_ctx = [c for c in contexts if is_heldout(c.request_id, self.config.heldout_share)] or contexts[:32]
-        pg = train_policy(ckpt.family, ckpt.policy, reference, ckpt.reward, train_ctx or contexts, data.demos, tensors,
+        pg = train_policy(ckpt.family, policy, reference, ckpt.reward, train_ctx or contexts, data.demos, tensors,
                           self.config.policy, wrap=self.group.wrap, reduce_mean=self.group.mean)
-        kl = self.group.mean(sequence_kl(ckpt.family, ckpt.policy, reference, tensors, held_ctx))
+        kl = self.group.mean(sequence_kl(ckpt.family, policy, reference, tensors, held_ctx))
+        if serving_policy is None:  # LoRA: the candidate is merged; the base under it is what serves
+            from fuseloop.families import hf_lora
+
+            policy, serving_policy = hf_lora.merged(policy), hf_lora.unloaded(policy)
+            reference = ckpt.reference
         timings["policy"], t = round(time.perf_counter() - t, 1), time.perf_counter()
         report["policy"] = {"steps": pg["steps"], "stopped": pg["stopped"], "kl": kl,
                             "reward_first": pg["curves"]["reward"][0], "reward_last": pg["curves"]["reward"][-1]}
@@ -165,7 +183,7 @@ class Trainer:
         held_all = [c for part in self.group.gather(held_ctx) for c in part]
         if not self.group.is_leader:  # the leader gates and publishes; _finish waits for its outcome
             return self._finish(round_, report, t0)
-        gate = run_gate(ckpt.family, ckpt.policy, serving_policy, ckpt.reward, tensors, held_all, kl, self.config.gate,
+        gate = run_gate(ckpt.family, policy, serving_policy, ckpt.reward, tensors, held_all, kl, self.config.gate,
                         self._labeled_check(ckpt))
         report["gate"] = gate.to_dict()
         timings["gate"], t = round(time.perf_counter() - t, 1), time.perf_counter()
@@ -173,7 +191,7 @@ class Trainer:
         plot_curves(workdir / f"round-{round_:03d}.png", f"round {round_}",
                     {"reward-model loss": rm["loss"], "policy reward": pg["curves"]["reward"],
                      "KL to reference": pg["curves"]["kl"]})
-        candidate = Checkpoint(ckpt.family, ckpt.policy, ckpt.reward, ckpt.preprocessor, reference,
+        candidate = Checkpoint(ckpt.family, policy, ckpt.reward, ckpt.preprocessor, reference,
                                metrics={"round": round_, "gate": gate.to_dict(), "kl": kl,
                                         "reward_model": report["reward_model"]})
         if not gate.passed:
@@ -196,6 +214,20 @@ class Trainer:
             report["canary"] = bool(percent)
             timings["deploy"] = round(time.perf_counter() - t, 1)
         return self._finish(round_, report, t0)
+
+    def _policies(self, ckpt: Checkpoint) -> tuple:
+        """(policy to train, KL reference, serving policy for the gate). In full: the checkpoint's
+        policy, its frozen reference (or a copy of the policy) and a copy of the policy. With LoRA:
+        the policy with adapters, reference None (the adapters off) and serving None (after
+        training, the base under the adapters): no copy of the weights while training."""
+        rank = self.config.policy.lora_rank
+        if not rank:
+            reference = ckpt.reference if ckpt.reference is not None else copy.deepcopy(ckpt.policy)
+            return ckpt.policy, reference, copy.deepcopy(ckpt.policy)
+        refuse_lora_for(ckpt.family.name, rank)
+        from fuseloop.families import hf_lora  # peft loads only for LoRA rounds
+
+        return hf_lora.add_lora(ckpt.policy, rank), None, None
 
     def _settle_unjoined(self, unjoined, round_: int, report: dict) -> None:
         """Feedback whose response is still unknown after the grace period goes to the dead letters."""
