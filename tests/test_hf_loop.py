@@ -3,7 +3,7 @@
 A tiny random `VisionEncoderDecoderModel` (ViT + GPT-2, fuseloop/families/tiny.py) is written with
 `save_pretrained`, opened as a model directory, given a few teacher-forced steps, and published.
 The real inference server serves it through ONNX Runtime (Generate, GenerateStream, Score, KServe
-ModelInfer); simulated users (demo/traffic.py) ask it and answer through the real feedback
+ModelInfer); simulated users (demo/simulated_users.py) ask it and answer through the real feedback
 service into the embedded bus; training rounds read that, gate for real, and a passing candidate
 is redeployed through the serving record, on which the server converges. What a round writes (a
 version's checkpoint, a refused candidate) is a directory `transformers` loads as it is.
@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -28,8 +29,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 
-from demo.simulated_users import UserModel
-from demo.traffic import Traffic
+from demo.simulated_users import Shown, SimulatedUser, UserModel
 from fuseloop.bus import TopicConfig
 from fuseloop.bus.url import open_bus
 from fuseloop.checkpoint import POLICY, Checkpoint
@@ -38,8 +38,8 @@ from fuseloop.families.hf_directory import OpenedModel, open_model_directory
 from fuseloop.families.tiny import TinyConfig, build_encoder_decoder, task_tokenizer
 from fuseloop.preprocessing import PreprocessConfig, Preprocessor
 from fuseloop.repository import REWARD, ModelRepository
-from fuseloop.scenes import SceneTaskConfig, make_examples, make_split, png_bytes, render
-from fuseloop.v1 import events_pb2, inference_pb2, inference_pb2_grpc
+from fuseloop.scenes import GoldOracle, make_examples, make_split, png_bytes, render
+from fuseloop.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, inference_pb2, inference_pb2_grpc
 from services.feedback.server import FeedbackServer, FeedbackServiceConfig
 from services.inference.config import InferenceServiceConfig
 from services.inference.runtime.onnx_runtime import OnnxRuntime, OnnxRuntimeConfig
@@ -106,7 +106,9 @@ def checkpoint_of(opened: OpenedModel) -> Checkpoint:
 def loop(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-loop")
     torch.manual_seed(0)
-    opened = open_model_directory(build_encoder_decoder(root / "team-model", TinyConfig(init_std=0.2)))
+    # Answers of at most MAX_NEW tokens, in serving and in training (the round's samples and gate).
+    opened = open_model_directory(build_encoder_decoder(root / "team-model", TinyConfig(init_std=0.2)),
+                                  PreprocessConfig(max_response_tokens=MAX_NEW))
     losses = sft(opened, steps=4, lr=1e-3)
     assert losses[-1] < losses[0]
     ckpt = checkpoint_of(opened)
@@ -233,7 +235,7 @@ def test_lora_trains_only_the_adapters_and_the_reference_is_the_base_model(loop)
     examples = make_examples(8, seed=5)
     tensors = ContextTensors(ckpt.preprocessor)
     contexts = contexts_of(examples)
-    cfg = PolicyGradientConfig(steps=3, prompts_per_step=4, samples_per_prompt=2, lr=1e-2, demo_batch=4)
+    cfg = PolicyGradientConfig(steps=2, prompts_per_step=4, samples_per_prompt=2, lr=1e-2, demo_batch=4)
     train_policy(ckpt.family, policy, None, ckpt.reward, contexts, list(zip(contexts, [e.answer for e in examples])),
                  tensors, cfg)
     changed = {k for k, v in policy.named_parameters() if not torch.equal(v, before[k])}
@@ -252,39 +254,48 @@ def test_lora_trains_only_the_adapters_and_the_reference_is_the_base_model(loop)
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=0)  # merging keeps what they learned
 
 
-def user_traffic(loop: Loop, requests: int, seed: int) -> dict:
-    """Simulated users (the demo's) call Generate and send their feedback through the services."""
-    task = SceneTaskConfig(image_size=loop.ckpt.preprocessor.config.image_size)
-    traffic = Traffic(loop.inference.address, loop.feedback.address, loop.app_token, users=2,
-                      model=UserModel(pair_share=0.5), task=task, seed=seed).start()
-    deadline = time.monotonic() + 60
-    try:
-        while traffic.requests_so_far() < requests and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        traffic.stop()
-    window = traffic.take_window().summary()
-    assert window["requests"] >= requests and window["errors"] == 0, window
-    return window
+def user_traffic(loop: Loop, requests: int, seed: int) -> int:
+    """Simulated users (the demo's) call Generate and send their feedback through the feedback
+    service, as demo/traffic.py does, but one at a time and with the model's answer length.
+    Returns the feedback events sent."""
+    rng = random.Random(seed)
+    users = [SimulatedUser(f"user-{seed}-{i}", UserModel(pair_share=0.5), GoldOracle(), rng) for i in range(3)]
+    auth = [("authorization", f"Bearer {loop.app_token}")]
+    sent = 0
+    with grpc.insecure_channel(loop.inference.address) as ich, grpc.insecure_channel(loop.feedback.address) as fch:
+        infer, feedback = inference_pb2_grpc.InferenceServiceStub(ich), feedback_pb2_grpc.FeedbackServiceStub(fch)
+        for example in make_examples(requests, seed=100 + seed):
+            user = users[rng.randrange(len(users))]
+            reply = infer.Generate(inference_pb2.GenerateRequest(
+                image=png_bytes(render(example.scene)), prompt=example.prompt,
+                num_candidates=2 if user.wants_pair() else 1, session_id=user.session_id,
+                sampling=events_pb2.SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW)))
+            events = user.react(example, [Shown(c.response_id, c.text, pos) for pos, c in enumerate(reply.candidates)])
+            feedback.SubmitBatch(feedback_pb2.SubmitBatchRequest(events=events), metadata=auth)
+            sent += len(events)
+    return sent
+
+
+FEW_STEPS = PolicyGradientConfig(steps=2, prompts_per_step=4, samples_per_prompt=2, demo_batch=4)
 
 
 def trainer_for(loop: Loop, workdir: Path, **config) -> Trainer:
-    base = dict(reward=RewardTrainConfig(steps=6, batch_size=16),
+    base = dict(reward=RewardTrainConfig(steps=4, batch_size=8),
                 ingest=IngestConfig(poll_timeout_s=0.3, group=f"hf-loop-{uuid.uuid4().hex[:8]}"), min_new_feedback=1)
     return Trainer(TrainConfig(workdir=workdir, **{**base, **config}), loop.bus, loop.repo, loop.topics,
                    deployer=RecordDeployer(loop.repo))
 
 
 def test_a_lora_round_on_feedback_the_gate_refuses_keeps_a_candidate_transformers_loads(loop, tmp_path):
-    user_traffic(loop, requests=24, seed=1)
+    sent = user_traffic(loop, requests=24, seed=1)
     # The team asks for a reward gain no round reaches: the gate refuses, the candidate is kept.
-    trainer = trainer_for(loop, tmp_path / "work", policy=PolicyGradientConfig(steps=2, prompts_per_step=4, lora_rank=4),
+    trainer = trainer_for(loop, tmp_path / "work", policy=replace(FEW_STEPS, lora_rank=4),
                           gate=GateConfig(min_reward_gain=1e9))
     try:
         report = trainer.run_round()
     finally:
         trainer.close()
-    assert report["ingest"]["feedback_events"] > 0 and report["signals"]["examples"]["pairs"] > 0
+    assert report["ingest"]["feedback_events"] == sent and report["signals"]["examples"]["pairs"] > 0
     assert not report["deployed"] and report["version"] is None
     assert any("does not beat serving" in r for r in report["not_deployed_because"]), report["gate"]
     assert report["policy"]["kl"] < GateConfig().kl_budget  # LoRA's first steps stay near their base
@@ -298,7 +309,7 @@ def test_a_lora_round_on_feedback_the_gate_refuses_keeps_a_candidate_transformer
 def test_a_round_that_passes_the_gate_is_redeployed_and_the_server_converges(loop, tmp_path):
     user_traffic(loop, requests=24, seed=2)
     # Any reward gain passes (the feedback of two dozen requests is noise); the KL budget is the default's.
-    trainer = trainer_for(loop, tmp_path / "work", policy=PolicyGradientConfig(steps=2, prompts_per_step=4, lr=1e-4),
+    trainer = trainer_for(loop, tmp_path / "work", policy=replace(FEW_STEPS, lr=1e-4),
                           gate=GateConfig(min_reward_gain=-math.inf))
     try:
         report = trainer.run_round()

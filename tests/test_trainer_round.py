@@ -171,6 +171,23 @@ def test_a_round_drains_what_was_there_while_traffic_goes_on(bus, fresh_topics, 
     assert report["ingest"]["inference_events"] >= len(first.inference)
 
 
+def test_lora_is_refused_for_the_built_in_model_with_a_clear_error(quick_checkpoint, shared_repo_dir, tmp_path,
+                                                                   capsys):
+    from fuseloop.cli import main
+    from fuseloop.errors import UserError
+    from fuseloop.families import hf_lora
+
+    train = ["train", "--repo", str(shared_repo_dir), "--bus", f"sqlite:///{tmp_path / 'bus.db'}",
+             "--workdir", str(tmp_path / "work"), "--deploy-to", "none"]
+    assert main(train + ["--lora-rank", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --lora-rank 4") and "the built-in model has no LoRA adapters" in err, err
+    assert main(train + ["--lora-rank", "-1"]) == 2
+    assert "positive rank" in capsys.readouterr().err
+    with pytest.raises(UserError, match="LoRA adapters need a Hugging Face family's policy"):
+        hf_lora.add_lora(quick_checkpoint.policy, rank=4)
+
+
 # --- The first round on Kafka: a group that has not joined yet holds no partitions, which is not
 # "nothing there". Each test uses its own group and topics, as a new deployment would.
 

@@ -55,8 +55,12 @@ def _train(args: argparse.Namespace) -> int:
     bus, topics = _bus_and_topics(args, "fuseloop-trainer")
     repo = ModelRepository(Path(args.repo))
     eval_set = EvalSet.from_file(Path(args.eval_set), args.eval_scorer) if args.eval_set else None
-    trainer = Trainer(config, bus, repo, topics, deployer=make_deployer(args.deploy_to, args.admin_token, repo),
-                      eval_set=eval_set)
+    try:  # a config the repository's model can't train (LoRA on the built-in model) is refused here
+        trainer = Trainer(config, bus, repo, topics, deployer=make_deployer(args.deploy_to, args.admin_token, repo),
+                          eval_set=eval_set)
+    except BaseException:
+        bus.close()
+        raise
     # Scheduled, the trainer also judges its canaries between rounds (as `fuseloop rollout watch` does).
     judge = RolloutController(bus, repo, topics, config.rollout, config.weights, report_dir=config.workdir) \
         if scheduled else None
