@@ -79,10 +79,10 @@ def test_the_family_is_registered_and_the_preprocessor_prompts_as_the_llava_proc
     assert (pre.config.image_token, pre.config.image_tokens) == (IMAGE_TOKEN, config.image_seq_length)
     assert pre.prompt_ids(EXAMPLES[0].prompt).count(config.image_token_id) == config.image_seq_length
     assert_same_prompts(pre, published.bundle.processor)
-    # The limits the KServe checks read from a manifest's model config.
-    model_config = published.ckpt.model_config
-    assert HFLlavaFamily.vocab_size(model_config) == len(pre.tokenizer)
-    assert HFLlavaFamily.max_positions(model_config) == config.text_config.max_position_embeddings
+    # The limits a server checks a client's tensors against, from a manifest's model config.
+    stepper = HFLlavaFamily().stepper(published.manifest.model_config, run=None)
+    assert stepper.vocab_size() == len(pre.tokenizer)
+    assert stepper.max_positions() == config.text_config.max_position_embeddings
 
 
 def test_a_checkpoint_saves_as_save_pretrained_directories_and_loads_back(published, tmp_path):
@@ -119,7 +119,7 @@ def test_publish_records_the_family_and_onnx_runtime_matches_pytorch(published):
 
 def test_token_logits_take_the_interfaces_bos_and_response_inputs(published):
     """sequence_logprobs over [BOS] + response + [EOS] (right-padded prompts) are the model's own
-    log-probs of response + [EOS] after the prompt."""
+    log-probs of response + [EOS] after the prompt, and those `generate` reports for its tokens."""
     ckpt = published.ckpt
     pixels, ids, mask = torch_inputs(ckpt.preprocessor, EXAMPLES[:4])
     responses = ["red", "top left", "two", "a small blue circle at top left"]
@@ -130,6 +130,15 @@ def test_token_logits_take_the_interfaces_bos_and_response_inputs(published):
                                                                           [e.prompt for e in EXAMPLES[:4]])[1:])
         theirs = sequence_logprobs(ckpt.policy, pixels, left_ids, left_mask, r_ids[:, 1:], r_mask[:, 1:])
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    # generate's log-probs are those of the tokens it returns, as the trainer reads them back.
+    with torch.no_grad():
+        tokens, logp = ckpt.family.generate(ckpt.policy, pixels, ids, mask, MAX_NEW, temperature=0.0)
+        is_eos = tokens == ckpt.preprocessor.eos_id
+        real = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()  # up to and including EOS
+        inputs = torch.cat([torch.full_like(tokens[:, :1], ckpt.preprocessor.bos_id), tokens], dim=1)
+        again = ckpt.family.sequence_logprobs(ckpt.policy, pixels, ids, mask, inputs,
+                                              torch.cat([torch.ones_like(real[:, :1]), real], dim=1))
+    torch.testing.assert_close(again, logp * real, atol=1e-5, rtol=1e-4)
 
 
 def test_served_greedy_generate_equals_torch_and_transformers_generate_and_score_its_reward_model(published, stub):
@@ -167,6 +176,14 @@ def test_concurrent_requests_share_decode_batches_and_get_their_own_answers(stub
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda r: stub.Generate(r).candidates[0].text, requests))
     assert together == alone
+
+
+def test_a_prompt_that_places_the_image_itself_is_refused_with_invalid_argument(stub):
+    request = inference_pb2.GenerateRequest(image=png_bytes(render(EXAMPLES[0].scene)),
+                                            prompt=f"{IMAGE_TOKEN} {EXAMPLES[0].prompt}")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and IMAGE_TOKEN in err.value.details()
 
 
 def test_rows_prefilled_apart_decode_together_as_they_do_alone(published):

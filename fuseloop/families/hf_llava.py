@@ -303,7 +303,16 @@ class HFLlavaStepper(Stepper):
         super().__init__(model_config, run)
         config = LlavaConfig.from_dict(model_config)
         self.cache_shape = cache_shape(config)
-        self.d_model = config.text_config.hidden_size
+        c = config.text_config
+        self.d_model, self._vocab_size, self._max_positions = c.hidden_size, c.vocab_size, c.max_position_embeddings
+
+    def vocab_size(self) -> int:
+        """Token ids (prompt_ids, input_ids, response_ids) are below this (placeholders included)."""
+        return self._vocab_size
+
+    def max_positions(self) -> int:
+        """The text model's position table: the image's placeholders, prompt and response together."""
+        return self._max_positions
 
     def prefill(self, pixel_values, prompt_ids, prompt_mask) -> DecodeState:
         ids, mask = (t.numpy() for t in left_padded(torch.from_numpy(prompt_ids), torch.from_numpy(prompt_mask)))
@@ -312,7 +321,7 @@ class HFLlavaStepper(Stepper):
         prefix_mask = mask[:, :-1]
         past = empty_past(B, *self.cache_shape).numpy()
         if prefix_mask.shape[1]:  # a one-token prompt (BOS alone) leaves the cache empty
-            _, past = self.run(DECODER, {"inputs_embeds": embeds[:, :-1], "input_ids": np.zeros((B, 0), np.int64),
+            _, past = self.run(DECODER, {"inputs_embeds": np.ascontiguousarray(embeds[:, :-1]), "input_ids": np.zeros((B, 0), np.int64),
                                          "attention_mask": prefix_mask,
                                          "position_ids": positions(torch.from_numpy(prefix_mask)).numpy(),
                                          "past": past})
@@ -378,16 +387,6 @@ class HFLlavaFamily(ModelFamily):
 
     def load_reward(self, directory: Path) -> HFRewardModel:
         return load_reward(directory)
-
-    @staticmethod
-    def vocab_size(model_config: dict) -> int:
-        """The token ids the graphs take (input_ids, prompt_ids, response_ids) are below this."""
-        return int(model_config["text_config"]["vocab_size"])
-
-    @staticmethod
-    def max_positions(model_config: dict) -> int:
-        """The longest sequence (image placeholders, prompt and response) the position table covers."""
-        return int(model_config["text_config"]["max_position_embeddings"])
 
     # -- training ------------------------------------------------------------------------------
     def token_logits(self, policy, pixel_values, prompt_ids, prompt_mask, input_ids, input_mask) -> torch.Tensor:
