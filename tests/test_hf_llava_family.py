@@ -23,11 +23,13 @@ from transformers import AutoProcessor
 
 from fuseloop.checkpoint import Checkpoint
 from fuseloop.families import HF_ARCHITECTURES, DecodeState, family_for
+from fuseloop.families import hf_llava
 from fuseloop.families.hf_directory import open_model_directory
 from fuseloop.families.hf_llava import HFLlavaFamily, HFLlavaStepper, sequence_logprobs
+from fuseloop.families.hf_onnx import run
 from fuseloop.families.tiny import IMAGE_TOKEN
 from fuseloop.preprocessing import Preprocessor
-from fuseloop.repository import MODELS, ModelRepository
+from fuseloop.repository import DECODER, MODELS, ModelRepository
 from fuseloop.scenes import make_split, png_bytes, render
 from fuseloop.v1 import events_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.config import InferenceServiceConfig
@@ -115,6 +117,23 @@ def test_publish_records_the_family_and_onnx_runtime_matches_pytorch(published):
     assert manifest.model_config == published.ckpt.model_config  # so the next version can swap weights in
     assert manifest.preprocess_config() == published.ckpt.preprocessor.config
     assert manifest.metrics["export_max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("embeds_len,new_len,past_len", [(6, 6, 0), (0, 1, 7), (3, 5, 4)])
+def test_one_decoder_graph_reads_embeddings_ids_or_both(published, embeds_len, new_len, past_len):
+    """The prefill's shape (embeddings alone, no cache), a step's (one id alone) and both at once:
+    the published decoder graph equals PyTorch at every real position."""
+    bundle = published.bundle
+    feed = hf_llava.example_inputs(bundle, batch=3, past_len=past_len, new_len=new_len, embeds_len=embeds_len,
+                                   seed=past_len)[DECODER]
+    with torch.no_grad():
+        logits, present = hf_llava.DecoderGraph(bundle.model)(**feed)
+    got_logits, got_present = run(published.sessions[DECODER], **feed)
+    real = feed["attention_mask"].bool().numpy()
+    assert got_logits.shape == (3, new_len, logits.shape[-1]) and got_present.shape[3] == past_len + new_len
+    np.testing.assert_allclose(got_logits[real[:, past_len:]], logits.numpy()[real[:, past_len:]], atol=1e-4)
+    np.testing.assert_allclose(np.moveaxis(got_present, 3, 1)[real], np.moveaxis(present.numpy(), 3, 1)[real],
+                               atol=1e-4)
 
 
 def test_token_logits_take_the_interfaces_bos_and_response_inputs(published):

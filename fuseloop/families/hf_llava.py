@@ -13,16 +13,18 @@ and decode steps share one decoder:
 - decoder: inputs_embeds (B, E, d) f32, input_ids (B, T) i64, attention_mask (B, P+E+T) i64,
   position_ids (B, E+T) i64, past (B, 2L, H_kv, P, hd) f32 -> logits (B, E+T, V) f32, present
   (B, 2L, H_kv, P+E+T, hd) f32. It embeds input_ids itself and reads [inputs_embeds, embed(input_ids)];
-  E, T and P may each be 0 (not all of E and T);
+  E, T and P may each be 0 (E and T not both);
 - reward: pixel_values, prompt_ids (B, S), prompt_mask (B, S), response_ids (B, R),
   response_mask (B, R) -> rewards (B,) f32 (prompts padded on either side).
 Serving (`HFLlavaStepper`): prefill runs the encoder, then the decoder over the spliced prompt but
 its last token, as embeddings alone (E = S-1, T = 0), into the cache; each step feeds one token by
 id alone (E = 0, T = 1). So the last prompt token (the chat template's answer marker, never a
 placeholder) is the first step's token, as in the encoder-decoder family, and every step yields the
-next response token; the decode state's `memory` is empty (M = 0). Zero-size axes export and run
-in ONNX Runtime as they are (the concatenation with an empty part is the identity), so no second
-step graph or dummy token is needed; tests/test_hf_llava_family.py runs both shapes through ORT.
+next response token; the decode state's `memory` is empty (M = 0). The prefill feeds no token by
+id (T = 0, not the second-to-last token with T = 1) so that a placeholder is never embedded as a
+token, whatever the template. Zero-size axes export and run in ONNX Runtime as they are (the
+concatenation with an empty part is the identity), so no second step graph or dummy token is
+needed; tests/test_hf_llava_family.py checks both shapes against PyTorch.
 """
 
 from __future__ import annotations
