@@ -323,8 +323,8 @@ class HFLlavaStepper(Stepper):
         prefix_mask = mask[:, :-1]
         past = empty_past(B, *self.cache_shape).numpy()
         if prefix_mask.shape[1]:  # a one-token prompt (BOS alone) leaves the cache empty
-            _, past = self.run(DECODER, {"inputs_embeds": np.ascontiguousarray(embeds[:, :-1]), "input_ids": np.zeros((B, 0), np.int64),
-                                         "attention_mask": prefix_mask,
+            _, past = self.run(DECODER, {"inputs_embeds": np.ascontiguousarray(embeds[:, :-1]),
+                                         "input_ids": np.zeros((B, 0), np.int64), "attention_mask": prefix_mask,
                                          "position_ids": positions(torch.from_numpy(prefix_mask)).numpy(),
                                          "past": past})
         return DecodeState(tokens=ids[:, -1].copy(), positions=prefix_mask.sum(-1), past=past,
