@@ -21,6 +21,12 @@ along the batch and needs every other dimension equal (fuseloop pads rows itself
 Generate samples at temperature 1 with a seed per request, so every contender produces the same
 tokens (the same work). Numbers are requests/s and latency percentiles in ms. Each cell is measured
 in rounds, the contenders taking turns, so other load on a shared machine hits them alike.
+
+`--model hf-encoder-decoder` (or another Hugging Face family, `bench_hf.HF_MODELS`) measures
+Generate only (`bench_hf` below), with a model of that family built at a given size (or given as a
+`save_pretrained` directory) and published into a repository: the service, raw ONNX Runtime over
+the same graphs through the family's stepper, and the same weights' `model.generate()` in PyTorch,
+batched, greedy; plus the peak RSS of the server and engine processes and the CPU each contender used.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
@@ -226,6 +233,19 @@ def peak_rss_bytes(pid: int | None) -> int | None:
     return None
 
 
+def cpu_seconds(pids: list[int | None]) -> float:
+    """User + system CPU time so far of live processes (all their threads); unreadable ones count 0."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, TypeError, ValueError, IndexError):
+            pass
+    return total
+
+
 class ServerProcess:
     def __init__(self, repo: Path, max_batch: int, threads: int) -> None:
         ctx = mp.get_context("spawn")
@@ -238,6 +258,10 @@ class ServerProcess:
         self.process.start()
         port, self.engine_pid = self.ports.get(timeout=120)
         return f"127.0.0.1:{port}"
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [self.process.pid, self.engine_pid]
 
     def peak_rss(self) -> dict[str, int | None]:
         """Peak RSS in bytes so far of the server process and of its engine process."""
@@ -502,12 +526,30 @@ def bench_hf(cfg: BenchConfig) -> dict:
                 "raw": batched(runner),
                 HF_GENERATE: batched(hf),
             }
+            # The CPU each contender burns (the service: server, engine and the client here), so that
+            # tokens per CPU-second can be compared when other jobs share the machine.
+            pids = {"service": [os.getpid(), *server.pids], "raw": [os.getpid()], HF_GENERATE: [os.getpid()]}
+            cores: dict[tuple[str, int], list[float]] = {}
+
+            def metered(name, fn):
+                def run(rpc, c):
+                    cpu0, t0 = cpu_seconds(pids[name]), time.perf_counter()
+                    out = fn(rpc, c)
+                    used = cores.setdefault((name, c), [0.0, 0.0])
+                    used[0] += cpu_seconds(pids[name]) - cpu0
+                    used[1] += time.perf_counter() - t0
+                    return out
+                return run
+
+            contenders = {name: metered(name, fn) for name, fn in contenders.items()}
             cells = [cell for c in cfg.concurrency for cell in measure(contenders, "Generate", c, cfg.rounds)]
             rss = server.peak_rss()
     model = {"family": cfg.model, "built": None if cfg.model_dir else spec.describe(), "parameters": hf.parameters,
              "prompt_tokens": len(runner.pre.prompt_ids(w.prompts[0])), "max_new_tokens": max_new}
+    cores_used = [{"contender": n, "concurrency": c, "cores": round(cpu / wall, 2) if wall else None}
+                  for (n, c), (cpu, wall) in cores.items()]
     return {"config": _config_dict(cfg, max_new), "model": model, "cells": [asdict(c) for c in cells],
-            "goals": goals_hf(cells), "peak_rss_bytes": rss}
+            "goals": goals_hf(cells), "peak_rss_bytes": rss, "cores_used": cores_used}
 
 
 def goals_hf(cells: list[Cell]) -> dict:
@@ -533,6 +575,12 @@ def _hf_lines(result: dict) -> list[str]:
         per = ", ".join(f"{x.contender} {x.tokens_per_s / x.throughput:.1f}" for x in cells
                         if x.concurrency == c and x.throughput > 0)
         lines.append(f"tokens/request at {c} clients: {per}")
+    tokens_per_s = {(x.contender, x.concurrency): x.tokens_per_s for x in cells}
+    for c in sorted({x.concurrency for x in cells}):
+        per = ", ".join(f"{u['contender']} {u['cores']:.2f} | {tokens_per_s.get((u['contender'], c), 0) / u['cores']:.0f}"
+                        for u in result.get("cores_used", []) if u["concurrency"] == c and u["cores"])
+        if per:
+            lines.append(f"cores used | tokens per CPU-second at {c} clients: {per}")
     rss = {k: f"{v / 2**20:.0f} MiB" if v else "unknown" for k, v in result["peak_rss_bytes"].items()}
     lines.append(f"peak RSS: server process {rss['server']}, engine process {rss['engine']}")
     top = max(x.concurrency for x in cells)
