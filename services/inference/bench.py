@@ -23,7 +23,7 @@ tokens (the same work). Numbers are requests/s and latency percentiles in ms. Ea
 in rounds, the contenders taking turns, so other load on a shared machine hits them alike.
 
 `--model hf-encoder-decoder` (or another Hugging Face family, `bench_hf.HF_MODELS`) measures
-Generate only (`bench_hf` below), with a model of that family built at a given size (or given as a
+Generate only (`bench_hf_family` below), with a model of that family built at a given size (or given as a
 `save_pretrained` directory) and published into a repository: the service, raw ONNX Runtime over
 the same graphs through the family's stepper, and the same weights' `model.generate()` in PyTorch,
 batched, greedy; plus the peak RSS of the server and engine processes and the CPU each contender used.
@@ -246,6 +246,30 @@ def cpu_seconds(pids: list[int | None]) -> float:
     return total
 
 
+class CpuMeter:
+    """The cores each contender used over its slices, by concurrency: the CPU seconds of its
+    processes over the wall seconds. When other jobs share the machine, tokens per CPU-second
+    compare contenders that got unequal shares of it."""
+
+    def __init__(self) -> None:
+        self._used: dict[tuple[str, int], list[float]] = {}  # (contender, c) -> [cpu s, wall s]
+
+    def wrap(self, name: str, pids: list[int | None], fn):
+        """`fn(rpc, c)`, metered as `name` over the processes `pids`."""
+        def run(rpc: str, c: int):
+            cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+            out = fn(rpc, c)
+            used = self._used.setdefault((name, c), [0.0, 0.0])
+            used[0] += cpu_seconds(pids) - cpu0
+            used[1] += time.perf_counter() - t0
+            return out
+        return run
+
+    def cores(self) -> list[dict]:
+        return [{"contender": n, "concurrency": c, "cores": round(cpu / wall, 2) if wall else None}
+                for (n, c), (cpu, wall) in self._used.items()]
+
+
 class ServerProcess:
     def __init__(self, repo: Path, max_batch: int, threads: int) -> None:
         ctx = mp.get_context("spawn")
@@ -442,7 +466,7 @@ def bench(cfg: BenchConfig) -> dict:
     """Every cell is measured in `rounds` slices, the contenders taking turns (in rotating order),
     so that load from other processes on a shared machine hits all of them alike."""
     if cfg.model != "builtin":
-        return bench_hf(cfg)
+        return bench_hf_family(cfg)
     with tempfile.TemporaryDirectory(prefix="fuseloop-bench-") as tmp:
         repo_dir = cfg.repo or quick_repository(Path(tmp))
         w = Workload.scenes()
@@ -490,7 +514,7 @@ HF_GENERATE = "hf-generate"
 HF_TARGETS = {HF_GENERATE: 3.0, "raw": 0.8}
 
 
-def bench_hf(cfg: BenchConfig) -> dict:
+def bench_hf_family(cfg: BenchConfig) -> dict:
     """Generate for a Hugging Face family, side by side: the service over gRPC; raw ONNX Runtime in
     process over the same graphs (the family's stepper: prefill, then steps, batches of
     `concurrency`); and `model.generate()` in PyTorch on the same weights, batched the same way,
@@ -526,30 +550,16 @@ def bench_hf(cfg: BenchConfig) -> dict:
                 "raw": batched(runner),
                 HF_GENERATE: batched(hf),
             }
-            # The CPU each contender burns (the service: server, engine and the client here), so that
-            # tokens per CPU-second can be compared when other jobs share the machine.
+            # The service's CPU: the server, its engine and the load generator (this process).
+            meter = CpuMeter()
             pids = {"service": [os.getpid(), *server.pids], "raw": [os.getpid()], HF_GENERATE: [os.getpid()]}
-            cores: dict[tuple[str, int], list[float]] = {}
-
-            def metered(name, fn):
-                def run(rpc, c):
-                    cpu0, t0 = cpu_seconds(pids[name]), time.perf_counter()
-                    out = fn(rpc, c)
-                    used = cores.setdefault((name, c), [0.0, 0.0])
-                    used[0] += cpu_seconds(pids[name]) - cpu0
-                    used[1] += time.perf_counter() - t0
-                    return out
-                return run
-
-            contenders = {name: metered(name, fn) for name, fn in contenders.items()}
+            contenders = {name: meter.wrap(name, pids[name], fn) for name, fn in contenders.items()}
             cells = [cell for c in cfg.concurrency for cell in measure(contenders, "Generate", c, cfg.rounds)]
             rss = server.peak_rss()
     model = {"family": cfg.model, "built": None if cfg.model_dir else spec.describe(), "parameters": hf.parameters,
              "prompt_tokens": len(runner.pre.prompt_ids(w.prompts[0])), "max_new_tokens": max_new}
-    cores_used = [{"contender": n, "concurrency": c, "cores": round(cpu / wall, 2) if wall else None}
-                  for (n, c), (cpu, wall) in cores.items()]
     return {"config": _config_dict(cfg, max_new), "model": model, "cells": [asdict(c) for c in cells],
-            "goals": goals_hf(cells), "peak_rss_bytes": rss, "cores_used": cores_used}
+            "goals": goals_hf(cells), "peak_rss_bytes": rss, "cores_used": meter.cores()}
 
 
 def goals_hf(cells: list[Cell]) -> dict:
@@ -560,7 +570,8 @@ def goals_hf(cells: list[Cell]) -> dict:
         svc = at.get("service")
         for name in (HF_GENERATE, "raw"):
             if svc and name in at and at[name].tokens_per_s > 0:
-                out[f"generate_c{c}_service_over_{name.replace('-', '_')}"] = round(svc.tokens_per_s / at[name].tokens_per_s, 3)
+                ratio = svc.tokens_per_s / at[name].tokens_per_s
+                out[f"generate_c{c}_service_over_{name.replace('-', '_')}"] = round(ratio, 3)
     return out
 
 
@@ -577,8 +588,9 @@ def _hf_lines(result: dict) -> list[str]:
         lines.append(f"tokens/request at {c} clients: {per}")
     tokens_per_s = {(x.contender, x.concurrency): x.tokens_per_s for x in cells}
     for c in sorted({x.concurrency for x in cells}):
+        used = [u for u in result.get("cores_used", []) if u["concurrency"] == c and u["cores"]]
         per = ", ".join(f"{u['contender']} {u['cores']:.2f} | {tokens_per_s.get((u['contender'], c), 0) / u['cores']:.0f}"
-                        for u in result.get("cores_used", []) if u["concurrency"] == c and u["cores"])
+                        for u in used)
         if per:
             lines.append(f"cores used | tokens per CPU-second at {c} clients: {per}")
     rss = {k: f"{v / 2**20:.0f} MiB" if v else "unknown" for k, v in result["peak_rss_bytes"].items()}

@@ -37,7 +37,8 @@ class HFBenchModel:
     init_std: float = 0.2
 
     def describe(self) -> str:
-        return f"{self.family}, random weights, d_model {self.d_model}, {self.layers}+{self.layers} layers, {self.heads} heads"
+        return (f"{self.family}, random weights, d_model {self.d_model}, {self.layers}+{self.layers} layers, "
+                f"{self.heads} heads")
 
 
 def family_module(family: str):

@@ -55,7 +55,8 @@ def add_bench_parser(bench_subparsers) -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="measuring time per cell and contender")
     p.add_argument("--rounds", type=int, default=3, help="slices per cell; contenders take turns between them")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: the model's limit")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, for every contender (torch's for HF generate())")
+    p.add_argument("--threads", type=int, default=1,
+                   help="ONNX Runtime intra-op threads, for every contender (torch's for HF generate())")
     p.add_argument("--rpcs", default="Generate,Score,ModelInfer", help="comma-separated RPCs to measure")
     p.set_defaults(func=bench_inference)
 
