@@ -27,7 +27,8 @@ def train_config(args: argparse.Namespace):
     values = apply_overrides(values, [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set))
     config = build(TrainConfig, values, base=TrainConfig(workdir=Path(DEFAULT_WORKDIR)))
     if config.policy.lora_rank < 0:
-        raise UserError(f"--lora-rank (policy.lora_rank) is a positive rank, or 0 for no LoRA; got {config.policy.lora_rank}")
+        raise UserError(f"--lora-rank (policy.lora_rank) is a positive rank, or 0 for no LoRA; "
+                        f"got {config.policy.lora_rank}")
     return config
 
 
