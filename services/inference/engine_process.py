@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from fuseloop.preprocessing import InvalidInput, PreprocessConfig, image_pixels
-from fuseloop.repository import ModelRepository
+from fuseloop.repository import ModelRepository, RepositoryError
 from services.inference.engine import EngineConfig, GenerationEngine, GenerationJob, SequenceSpec
 from services.inference.metrics import InferenceMetrics
 from services.inference.queueing import Arrival, ModelFailure, QueueClosed, QueueFull, RequestQueue
@@ -209,7 +209,8 @@ class EngineProcess:
 
     # -- versions (the deployment's mirror) -----------------------------------------------------
     async def load(self, version: int) -> None:
-        """Loads and warms `version` in the child; raises RuntimeError_ when it could not."""
+        """Loads and warms `version` in the child; raises RepositoryError when a graph doesn't
+        match the manifest, RuntimeError_ when it could not load otherwise."""
         if self._gone:
             raise RuntimeError_("the generation engine is not running")
         future = self._loads[version] = self._loop.create_future()
@@ -277,10 +278,13 @@ class EngineProcess:
                 if kind == "pass":
                     self._apply_pass(*payload)
                 elif kind == "loaded":
-                    version, error = payload
+                    version, error, mismatch = payload
                     future = self._loads.pop(version, None)
                     if future is not None and not future.done():
-                        future.set_exception(RuntimeError_(error)) if error else future.set_result(None)
+                        if error:  # a graph that doesn't match its manifest is the artifact's fault, as here
+                            future.set_exception(RepositoryError(error) if mismatch else RuntimeError_(error))
+                        else:
+                            future.set_result(None)
                 elif kind == "resident":
                     future = self._questions.pop(0)
                     if not future.done():
@@ -546,11 +550,12 @@ class EngineWorker:
             # The version's preprocessing under the service's image limits, worked out once.
             self.image_configs[version] = loaded.preprocessor.config.within(*self.image_limits)
             self.versions[version] = loaded
-            error = None
+            error, mismatch = None, False
         except Exception as e:  # reported to the deploy that asked
             log.exception("the engine process could not load version %s", version)
             error = f"the engine process could not load version {version}: {e}"
-        self._send(("loaded", (version, error)))
+            mismatch = isinstance(e, RepositoryError)
+        self._send(("loaded", (version, error, mismatch)))
 
     def _send(self, message: tuple) -> None:
         data = pickle.dumps(message, PICKLE)
