@@ -1,6 +1,6 @@
-"""The Hugging Face families' session runs (tests/test_hf_families.py, and the encoder-decoder's
-published version for tests/test_hf_encoder_decoder_family.py): each built, adapted and exported
-once per session, on first use."""
+"""The Hugging Face families' session runs (tests/test_hf_families.py, and their published versions
+for tests/test_hf_encoder_decoder_family.py and tests/test_hf_llava_family.py): each built, adapted
+and published once per session, on first use."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ FAMILIES = {
     "encoder_decoder": (hf_encoder_decoder, build_encoder_decoder, hf_generate_encoder_decoder),
     "llava": (hf_llava, build_llava, hf_generate_llava),
 }
+FAMILY_NAMES = {"encoder_decoder": "hf-encoder-decoder", "llava": "hf-llava"}  # the registry's names
 
 
 @dataclass
@@ -50,7 +51,7 @@ class FamilyRun:
     paths: dict[str, Path]
     sessions: dict
     generate: object
-    # The encoder-decoder's: the family interface's checkpoint, published as version 1 of `repo`.
+    # The family interface's checkpoint, published as version 1 of `repo`.
     ckpt: Checkpoint | None = None
     repo: ModelRepository | None = None
     manifest: Manifest | None = None
@@ -80,7 +81,7 @@ def _train(model, module, bundle, examples, steps: int, lr: float, batch: int = 
 
 
 def build_family_run(name: str, root: Path) -> FamilyRun:
-    """build -> LoRA steps on the task -> merge -> save -> reload -> export. The models are random,
+    """build -> LoRA steps on the task -> merge -> save -> reload -> publish. The models are random,
     initialized wide (init_std) so that their greedy answers differ by image and prompt."""
     module, build, generate = FAMILIES[name]
     torch.manual_seed(0)
@@ -95,14 +96,13 @@ def build_family_run(name: str, root: Path) -> FamilyRun:
     loaded.model.eval()
     reward = module.reward_model(loaded.model).eval()
     run = FamilyRun(name, module, base_dir, base, lora, root / "policy", loaded, reward, {}, {}, generate)
-    if name == "encoder_decoder":  # exported once, as the trainer publishes it
-        run.ckpt = Checkpoint(family_for("hf-encoder-decoder"), loaded.model, reward,
-                              Preprocessor(loaded.tokenizer, PreprocessConfig(), loaded.image_processor))
-        run.repo = ModelRepository(root / "repo")
-        run.manifest = publish(run.ckpt, run.repo)
-        run.paths = {m: run.repo.model_path(m, run.manifest.version) for m in MODELS}
-    else:
-        run.paths = module.export(loaded, reward, root / "onnx")
+    # Both exported once, as the trainer publishes them: the family interface's checkpoint, version 1.
+    family = family_for(FAMILY_NAMES[name])
+    config = family.preprocess_config(loaded.model, loaded.tokenizer, PreprocessConfig())
+    run.ckpt = Checkpoint(family, loaded.model, reward, Preprocessor(loaded.tokenizer, config, loaded.image_processor))
+    run.repo = ModelRepository(root / "repo")
+    run.manifest = publish(run.ckpt, run.repo)
+    run.paths = {m: run.repo.model_path(m, run.manifest.version) for m in MODELS}
     run.sessions = {k: session(p) for k, p in run.paths.items()}
     return run
 

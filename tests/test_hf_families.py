@@ -3,8 +3,9 @@ loaded with local_files_only, their ONNX graphs against PyTorch, greedy ONNX gen
 `generate`, the reward model, sequence log-probs and LoRA.
 
 Each family runs the pipeline once per session (tests/fixtures_hf.py): build -> LoRA steps on the
-task -> merge -> save -> reload -> export (the encoder-decoder's through `trainer.export.publish`,
-which tests/test_hf_encoder_decoder_family.py serves). Every test reads from that one run. The
+task -> merge -> save -> reload -> publish (`trainer.export.publish`, the family interface's
+export, which tests/test_hf_encoder_decoder_family.py and tests/test_hf_llava_family.py serve).
+Every test reads from that one run. The
 models are random, initialized wide (init_std) so that their greedy answers differ by image and
 prompt, which gives the token-for-token checks their teeth without spending time on training.
 """
@@ -203,11 +204,10 @@ def _onnx_logprobs(family, pixels, ids, mask, r_ids, r_mask) -> np.ndarray:
     L, H, hd = family.bundle.cache_shape()
     past = hf_layout.empty_past(len(full), L, H, hd).numpy()
     s = family.sessions
-    if family.name == "llava":
-        (features,) = run(s["vision"], pixel_values=pixels)
-        (embeds,) = run(s["embed"], input_ids=full)
-        embeds = hf_llava.splice_numpy(full, embeds, features, family.bundle.image_token_id)
-        logits, _ = run(s["decoder"], inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos, past=past)
+    if family.name == "llava":  # the prompt's spliced embeddings, then the response by id, in one decoder call
+        (embeds,) = run(s[family.module.ENCODER], pixel_values=pixels, prompt_ids=ids, prompt_mask=mask)
+        logits, _ = run(s[family.module.DECODER], inputs_embeds=embeds, input_ids=r_ids, attention_mask=full_mask,
+                        position_ids=pos, past=past)
     else:
         (enc,) = run(s[family.module.ENCODER], pixel_values=pixels)
         logits, _ = run(s[family.module.DECODER], input_ids=full, attention_mask=full_mask, position_ids=pos,

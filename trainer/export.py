@@ -35,7 +35,9 @@ def swap_weights(template: Path, module: torch.nn.Module, out: Path) -> bool:
     """Writes `template` with `module`'s weights; False when the graph doesn't fit the module
     (a different architecture), in which case the caller traces afresh."""
     model = onnx.load(str(template))
-    state = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    # Non-persistent buffers (rotary inv_freq, CLIP's position_ids) are initializers too.
+    tensors = {**dict(module.named_buffers()), **module.state_dict()}
+    state = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
     inits = model.graph.initializer
     if not inits or any(i.name not in state or tuple(i.dims) != state[i.name].shape for i in inits):
         return False

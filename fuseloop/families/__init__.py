@@ -18,11 +18,13 @@ DEFAULT = "builtin"
 FAMILIES: Mapping[str, str] = {  # name -> "module:class"
     "builtin": "fuseloop.families.builtin:BuiltinFamily",
     "hf-encoder-decoder": "fuseloop.families.hf_encoder_decoder:HFEncoderDecoderFamily",
+    "hf-llava": "fuseloop.families.hf_llava:HFLlavaFamily",
 }
 
 # config.json "architectures" -> family: how `fuseloop import hf:DIR` knows what it was given.
 HF_ARCHITECTURES: Mapping[str, str] = {
     "VisionEncoderDecoderModel": "hf-encoder-decoder",
+    "LlavaForConditionalGeneration": "hf-llava",
 }
 
 __all__ = ["HF_ARCHITECTURES", "DEFAULT", "FAMILIES", "DecodeState", "Graph", "GraphRunner", "ModelFamily", "Stepper", "family_for"]

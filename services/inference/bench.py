@@ -21,6 +21,12 @@ along the batch and needs every other dimension equal (fuseloop pads rows itself
 Generate samples at temperature 1 with a seed per request, so every contender produces the same
 tokens (the same work). Numbers are requests/s and latency percentiles in ms. Each cell is measured
 in rounds, the contenders taking turns, so other load on a shared machine hits them alike.
+
+`--model hf-encoder-decoder` (or another Hugging Face family, `bench_hf.HF_MODELS`) measures
+Generate only (`bench_hf_family` below), with a model of that family built at a given size (or given as a
+`save_pretrained` directory) and published into a repository: the service, raw ONNX Runtime over
+the same graphs through the family's stepper, and the same weights' `model.generate()` in PyTorch,
+batched, greedy; plus the peak RSS of the server and engine processes and the CPU each contender used.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
@@ -56,6 +63,10 @@ class BenchConfig:
     max_batch: int = 32
     rpcs: tuple[str, ...] = ("Generate", "Score", "ModelInfer")
     mlserver_batch: tuple[int, float] = (32, 0.005)  # MLServer's max_batch_size, max_batch_time (s)
+    # "builtin", or a Hugging Face family (bench_hf.HF_MODELS): service vs raw ORT vs HF generate()
+    model: str = "builtin"
+    model_dir: Path | None = None  # an HF family's save_pretrained directory; None: build one of hf_size
+    hf_size: tuple[int, int] = (256, 4)  # the built HF model's d_model, layers per stack
 
 
 @dataclass
@@ -85,6 +96,19 @@ class Workload:
         examples = make_split("test", n)
         return cls([png_bytes(render(e.scene)) for e in examples], [e.prompt for e in examples],
                    [e.answer for e in examples])
+
+    @classmethod
+    def scenes_of_one_length(cls, prompt_ids, n: int = PROMPT_COUNT) -> "Workload":
+        """`n` scenes whose prompts all tokenize (with `prompt_ids`) to the most common length, so no
+        contender pads a prompt: batched HF generate() gives a left-padded row of the encoder-decoder
+        another answer than the row alone, and with unequal answers the contenders do unequal work."""
+        from collections import Counter
+
+        w = cls.scenes(8 * n)
+        lengths = [len(prompt_ids(p)) for p in w.prompts]
+        common = Counter(lengths).most_common(1)[0][0]
+        keep = [i for i, length in enumerate(lengths) if length == common][:n]
+        return cls([w.images[i] for i in keep], [w.prompts[i] for i in keep], [w.responses[i] for i in keep])
 
 
 def summarize(contender: str, rpc: str, concurrency: int, latencies: list[float], seconds: float,
@@ -190,10 +214,60 @@ def _serve(repo: str, max_batch: int, threads: int, port_queue) -> None:
                                         score_max_queue=1024)
         server = InferenceServer(config, make_runtime("onnxruntime", intra_op_threads=threads), ModelRepository(Path(repo)))
         await server.start()
-        port_queue.put(server.port)
+        port_queue.put((server.port, server.engine.pid))
         await server.wait_for_termination()
 
     asyncio.run(main())
+
+
+def peak_rss_bytes(pid: int | None) -> int | None:
+    """A live process's peak resident set (VmHWM), or None when it can't be read.
+    TODO: use services.inference's peak_rss_bytes(pid) once it lands (this is a local stand-in)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, TypeError, ValueError):
+        pass
+    return None
+
+
+def cpu_seconds(pids: list[int | None]) -> float:
+    """User + system CPU time so far of live processes (all their threads); unreadable ones count 0."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, TypeError, ValueError, IndexError):
+            pass
+    return total
+
+
+class CpuMeter:
+    """The cores each contender used over its slices, by concurrency: the CPU seconds of its
+    processes over the wall seconds. When other jobs share the machine, tokens per CPU-second
+    compare contenders that got unequal shares of it."""
+
+    def __init__(self) -> None:
+        self._used: dict[tuple[str, int], list[float]] = {}  # (contender, c) -> [cpu s, wall s]
+
+    def wrap(self, name: str, pids: list[int | None], fn):
+        """`fn(rpc, c)`, metered as `name` over the processes `pids`."""
+        def run(rpc: str, c: int):
+            cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+            out = fn(rpc, c)
+            used = self._used.setdefault((name, c), [0.0, 0.0])
+            used[0] += cpu_seconds(pids) - cpu0
+            used[1] += time.perf_counter() - t0
+            return out
+        return run
+
+    def cores(self) -> list[dict]:
+        return [{"contender": n, "concurrency": c, "cores": round(cpu / wall, 2) if wall else None}
+                for (n, c), (cpu, wall) in self._used.items()]
 
 
 class ServerProcess:
@@ -202,10 +276,20 @@ class ServerProcess:
         self.ports = ctx.Queue()
         # Not a daemon: the server starts its engine process.
         self.process = ctx.Process(target=_serve, args=(str(repo), max_batch, threads, self.ports))
+        self.engine_pid: int | None = None
 
     def __enter__(self) -> str:
         self.process.start()
-        return f"127.0.0.1:{self.ports.get(timeout=120)}"
+        port, self.engine_pid = self.ports.get(timeout=120)
+        return f"127.0.0.1:{port}"
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [self.process.pid, self.engine_pid]
+
+    def peak_rss(self) -> dict[str, int | None]:
+        """Peak RSS in bytes so far of the server process and of its engine process."""
+        return {"server": peak_rss_bytes(self.process.pid), "engine": peak_rss_bytes(self.engine_pid)}
 
     def __exit__(self, *exc: object) -> None:
         self.process.terminate()
@@ -364,9 +448,25 @@ def quick_repository(root: Path) -> Path:
     return root / "repo"
 
 
+def measure(contenders: dict, rpc: str, c: int, rounds: int) -> list[Cell]:
+    """One cell per contender (name -> fn(rpc, c) -> (latencies, tokens, seconds, failures) of one
+    slice), measured in `rounds` slices, the contenders taking turns in rotating order."""
+    names = list(contenders)
+    totals = {name: ([], 0, 0.0, 0) for name in names}
+    for r in tqdm(range(rounds), desc=f"{rpc} c={c}", leave=False, file=sys.stderr):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            lat, tok, sec, fail = contenders[name](rpc, c)
+            acc = totals[name]
+            totals[name] = (acc[0] + lat, acc[1] + tok, acc[2] + sec, acc[3] + fail)
+    return [summarize(name, rpc, c, lat, sec, tok, fail) for name, (lat, tok, sec, fail) in totals.items()]
+
+
 def bench(cfg: BenchConfig) -> dict:
     """Every cell is measured in `rounds` slices, the contenders taking turns (in rotating order),
     so that load from other processes on a shared machine hits all of them alike."""
+    if cfg.model != "builtin":
+        return bench_hf_family(cfg)
     with tempfile.TemporaryDirectory(prefix="fuseloop-bench-") as tmp:
         repo_dir = cfg.repo or quick_repository(Path(tmp))
         w = Workload.scenes()
@@ -399,17 +499,109 @@ def bench(cfg: BenchConfig) -> dict:
             for rpc in cfg.rpcs:
                 names = [n for n in contenders if n != "mlserver" or rpc == "ModelInfer"]
                 for c in cfg.concurrency:
-                    totals = {name: ([], 0, 0.0, 0) for name in names}
-                    for r in tqdm(range(cfg.rounds), desc=f"{rpc} c={c}", leave=False, file=sys.stderr):
-                        k = r % len(names)
-                        for name in names[k:] + names[:k]:
-                            lat, tok, sec, fail = contenders[name](rpc, c)
-                            acc = totals[name]
-                            totals[name] = (acc[0] + lat, acc[1] + tok, acc[2] + sec, acc[3] + fail)
-                    for name, (lat, tok, sec, fail) in totals.items():
-                        cells.append(summarize(name, rpc, c, lat, sec, tok, fail))
-    return {"config": {**asdict(cfg), "repo": str(cfg.repo) if cfg.repo else None, "max_new_tokens": max_new},
-            "cells": [asdict(c) for c in cells], "goals": goals(cells)}
+                    cells += measure({n: contenders[n] for n in names}, rpc, c, cfg.rounds)
+    return {"config": _config_dict(cfg, max_new), "cells": [asdict(c) for c in cells], "goals": goals(cells)}
+
+
+def _config_dict(cfg: BenchConfig, max_new: int) -> dict:
+    return {**asdict(cfg), "repo": str(cfg.repo) if cfg.repo else None,
+            "model_dir": str(cfg.model_dir) if cfg.model_dir else None, "max_new_tokens": max_new}
+
+
+HF_GENERATE = "hf-generate"
+# The issue's goals for a Hugging Face family, reported as ratios (not asserted): the service's
+# Generate tokens/s at the top concurrency over each contender's.
+HF_TARGETS = {HF_GENERATE: 3.0, "raw": 0.8}
+
+
+def bench_hf_family(cfg: BenchConfig) -> dict:
+    """Generate for a Hugging Face family, side by side: the service over gRPC; raw ONNX Runtime in
+    process over the same graphs (the family's stepper: prefill, then steps, batches of
+    `concurrency`); and `model.generate()` in PyTorch on the same weights, batched the same way,
+    what a user would run instead. All greedy, up to max_new_tokens, EOS not suppressed (the
+    service has no option for it): the same weights, greedy, and prompts of one token length give
+    every contender the same answers, so the same tokens per request (printed, to check), and the
+    goals compare tokens/s. Peak RSS of the server and engine processes comes with the cells."""
+    from fuseloop.errors import UserError
+    from services.inference.bench_hf import HFBenchModel, HFGenerate, build_model, publish_model
+
+    if cfg.repo is not None and cfg.model_dir is None:
+        raise UserError(f"--model {cfg.model} --repo needs --model-dir, the save_pretrained directory that the "
+                        "repository's latest version was published from (HF generate() loads it)")
+    spec = HFBenchModel(cfg.model, *cfg.hf_size)
+    with tempfile.TemporaryDirectory(prefix="fuseloop-bench-") as tmp:
+        model_dir = cfg.model_dir or build_model(spec, Path(tmp) / "model")
+        if cfg.repo is None:
+            print(f"publishing {model_dir} as a repository version (ONNX export)...", file=sys.stderr)
+        repo_dir = cfg.repo or publish_model(cfg.model, model_dir, Path(tmp) / "repo")
+        runner = RawRunner(ModelRepository(repo_dir), cfg.threads)
+        hf = HFGenerate(cfg.model, model_dir, cfg.threads)
+        w = Workload.scenes_of_one_length(runner.pre.prompt_ids)
+        model_max = runner.pre.config.max_response_tokens
+        max_new = min(cfg.max_new_tokens or model_max, model_max)
+        slice_s = cfg.seconds / cfg.rounds
+        server = ServerProcess(repo_dir, cfg.max_batch, cfg.threads)
+        with server as address:
+            def batched(contender):
+                return lambda rpc, c: (*run_raw(contender, w, rpc, c, slice_s, cfg.warmup_s, 0.0, max_new, []), 0)
+
+            contenders = {
+                "service": lambda rpc, c: asyncio.run(_load(address, w, rpc, c, slice_s, cfg.warmup_s, 0.0, max_new)),
+                "raw": batched(runner),
+                HF_GENERATE: batched(hf),
+            }
+            # The service's CPU: the server, its engine and the load generator (this process).
+            meter = CpuMeter()
+            pids = {"service": [os.getpid(), *server.pids], "raw": [os.getpid()], HF_GENERATE: [os.getpid()]}
+            contenders = {name: meter.wrap(name, pids[name], fn) for name, fn in contenders.items()}
+            cells = [cell for c in cfg.concurrency for cell in measure(contenders, "Generate", c, cfg.rounds)]
+            rss = server.peak_rss()
+    model = {"family": cfg.model, "built": None if cfg.model_dir else spec.describe(), "parameters": hf.parameters,
+             "prompt_tokens": len(runner.pre.prompt_ids(w.prompts[0])), "max_new_tokens": max_new}
+    return {"config": _config_dict(cfg, max_new), "model": model, "cells": [asdict(c) for c in cells],
+            "goals": goals_hf(cells), "peak_rss_bytes": rss, "cores_used": meter.cores()}
+
+
+def goals_hf(cells: list[Cell]) -> dict:
+    """service tokens/s over each other contender's, at the lowest and the top concurrency."""
+    out = {}
+    for c in sorted({min(x.concurrency for x in cells), max(x.concurrency for x in cells)}):
+        at = {x.contender: x for x in cells if x.rpc == "Generate" and x.concurrency == c}
+        svc = at.get("service")
+        for name in (HF_GENERATE, "raw"):
+            if svc and name in at and at[name].tokens_per_s > 0:
+                ratio = svc.tokens_per_s / at[name].tokens_per_s
+                out[f"generate_c{c}_service_over_{name.replace('-', '_')}"] = round(ratio, 3)
+    return out
+
+
+def _hf_lines(result: dict) -> list[str]:
+    """The HF bench's extra lines: the model, tokens per request, peak RSS, the goals met or not."""
+    m = result["model"]
+    cells = [Cell(**c) for c in result["cells"]]
+    lines = [f"model: {m['built'] or m['family'] + ' from ' + str(result['config']['model_dir'])}, "
+             f"{m['parameters'] / 1e6:.2f}M parameters; prompts of {m['prompt_tokens']} tokens, greedy, up to "
+             f"{m['max_new_tokens']} new tokens (EOS not suppressed; compare tokens/s)"]
+    for c in sorted({x.concurrency for x in cells}):
+        per = ", ".join(f"{x.contender} {x.tokens_per_s / x.throughput:.1f}" for x in cells
+                        if x.concurrency == c and x.throughput > 0)
+        lines.append(f"tokens/request at {c} clients: {per}")
+    tokens_per_s = {(x.contender, x.concurrency): x.tokens_per_s for x in cells}
+    for c in sorted({x.concurrency for x in cells}):
+        used = [u for u in result.get("cores_used", []) if u["concurrency"] == c and u["cores"]]
+        per = ", ".join(f"{u['contender']} {u['cores']:.2f} | {tokens_per_s.get((u['contender'], c), 0) / u['cores']:.0f}"
+                        for u in used)
+        if per:
+            lines.append(f"cores used | tokens per CPU-second at {c} clients: {per}")
+    rss = {k: f"{v / 2**20:.0f} MiB" if v else "unknown" for k, v in result["peak_rss_bytes"].items()}
+    lines.append(f"peak RSS: server process {rss['server']}, engine process {rss['engine']}")
+    top = max(x.concurrency for x in cells)
+    for name, target in HF_TARGETS.items():
+        ratio = result["goals"].get(f"generate_c{top}_service_over_{name.replace('-', '_')}")
+        if ratio is not None:
+            verdict = "met" if ratio >= target else "NOT met"
+            lines.append(f"goal: service >= {target:g}x {name} at {top} clients: {ratio:.2f}x ({verdict})")
+    return lines
 
 
 def goals(cells: list[Cell]) -> dict:
@@ -457,6 +649,8 @@ def table(result: dict) -> str:
                     text += f" ({x.failures} failed)"
                 row.append(f"{text:>34}")
             lines.append(f"{c:>12} " + " ".join(row))
+    if "model" in result:
+        lines += [""] + _hf_lines(result)
     lines.append("\ngoals: " + json.dumps(result["goals"]))
     return "\n".join(lines)
 

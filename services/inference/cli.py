@@ -35,15 +35,28 @@ def add_serve_parser(serve_subparsers) -> None:
 
 
 def add_bench_parser(bench_subparsers) -> None:
+    from services.inference.bench_hf import HF_MODELS
+
     p = bench_subparsers.add_parser(
-        "inference", help="service vs raw ONNX Runtime vs unbatched (and MLServer for ModelInfer), by concurrency")
-    p.add_argument("--repo", default=None, help="model repository (default: pretrain a quick model first)")
+        "inference", help="service vs raw ONNX Runtime vs unbatched (and MLServer for ModelInfer), by concurrency; "
+                          "for a Hugging Face family, Generate: service vs raw ONNX Runtime vs HF generate()")
+    p.add_argument("--model", default="builtin", choices=("builtin", *HF_MODELS),
+                   help="builtin: the built-in model (--repo, or a quick pretrain); a Hugging Face family: its model, "
+                        "built at --d-model/--layers (or --model-dir), published into a temporary repository")
+    p.add_argument("--model-dir", default=None,
+                   help="with an HF --model: its save_pretrained directory (default: build a random one)")
+    p.add_argument("--d-model", type=int, default=256, help="with an HF --model and no --model-dir: the width built")
+    p.add_argument("--layers", type=int, default=4, help="with an HF --model and no --model-dir: layers per stack")
+    p.add_argument("--repo", default=None, help="model repository (default: pretrain a quick model first; with an "
+                                                "HF --model: the one --model-dir was published to, default: publish it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
+    p.add_argument("--concurrency", default=None, help="comma-separated client concurrencies (default 1,8,32; "
+                                                       "1,32 for an HF --model)")
     p.add_argument("--seconds", type=float, default=3.0, help="measuring time per cell and contender")
     p.add_argument("--rounds", type=int, default=3, help="slices per cell; contenders take turns between them")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: the model's limit")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, for every contender")
+    p.add_argument("--threads", type=int, default=1,
+                   help="ONNX Runtime intra-op threads, for every contender (torch's for HF generate())")
     p.add_argument("--rpcs", default="Generate,Score,ModelInfer", help="comma-separated RPCs to measure")
     p.set_defaults(func=bench_inference)
 
@@ -98,8 +111,12 @@ async def _serve(config, runtime, repo, bus) -> None:
 def bench_inference(args: argparse.Namespace) -> int:
     from services.inference.bench import BenchConfig, run_bench
 
-    levels = tuple(int(c) for c in args.concurrency.split(",") if c.strip())
+    hf = args.model != "builtin"
+    levels = tuple(int(c) for c in (args.concurrency or ("1,32" if hf else "1,8,32")).split(",") if c.strip())
     return run_bench(BenchConfig(repo=Path(args.repo) if args.repo else None, concurrency=levels,
                                  seconds=args.seconds, rounds=args.rounds, max_new_tokens=args.max_new_tokens,
-                                 threads=args.threads, rpcs=tuple(r.strip() for r in args.rpcs.split(",") if r.strip())),
+                                 threads=args.threads, rpcs=("Generate",) if hf else
+                                 tuple(r.strip() for r in args.rpcs.split(",") if r.strip()),
+                                 model=args.model, model_dir=Path(args.model_dir) if args.model_dir else None,
+                                 hf_size=(args.d_model, args.layers)),
                      as_json=args.json)
