@@ -160,6 +160,23 @@ class Stepper(ABC):
         state.positions = state.positions + 1
         return logits[:, -1]
 
+    # -- what the graphs accept: a server checks a client's tensors against these before running
+    # a graph for it (KServe ModelInfer). Read them from the model config.
+    def vocab_size(self) -> int:
+        """Token ids (every `*_ids` input but position_ids) are 0 .. vocab_size - 1."""
+        raise NotImplementedError(f"{type(self).__name__} does not say its vocabulary size")
+
+    def max_positions(self) -> int:
+        """The text model's position table: position ids are below it, and a sequence it reads
+        (past + new tokens, or a prompt and a response joined) is at most this long."""
+        raise NotImplementedError(f"{type(self).__name__} does not say its number of positions")
+
+    def max_tokens(self) -> dict[str, int]:
+        """Token-id inputs with a position table of their own -> the most tokens each takes (the
+        built-in model embeds prompts and responses apart); the others count against
+        `max_positions` together. None by default."""
+        return {}
+
     def score(self, pixel_values: np.ndarray, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
               response_ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
         """Rewards (B,) float32; response_ids: [BOS] + response + [EOS], right-padded. Every family's

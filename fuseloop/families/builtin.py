@@ -52,6 +52,16 @@ class BuiltinStepper(Stepper):
             past=np.zeros((B, 2 * c["n_decoder_layers"], c["n_heads"], 0, c["d_model"] // c["n_heads"]), dtype=np.float32),
             past_mask=np.zeros((B, 0), dtype=np.int64), memory=memory, memory_mask=memory_mask, past_axis=3)
 
+    def vocab_size(self) -> int:
+        return int(self.model_config["vocab_size"])
+
+    def max_positions(self) -> int:
+        return int(self.model_config["max_response_tokens"]) + 1  # the decoder's table: BOS + response
+
+    def max_tokens(self) -> dict[str, int]:
+        c = self.model_config
+        return {"prompt_ids": int(c["max_prompt_tokens"]), "response_ids": int(c["max_response_tokens"]) + 1}
+
     def step_inputs(self, state: DecodeState, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         return {"input_ids": state.tokens[:, None], "position_ids": state.positions[:, None],
                 "attention_mask": attention_mask, "memory": state.memory, "memory_mask": state.memory_mask,

@@ -244,7 +244,16 @@ class HFEncoderDecoderStepper(Stepper):
 
     def __init__(self, model_config: dict, run) -> None:
         super().__init__(model_config, run)
-        self.cache_shape = cache_shape(VisionEncoderDecoderConfig.from_dict(model_config))
+        config = VisionEncoderDecoderConfig.from_dict(model_config)
+        self.cache_shape = cache_shape(config)
+        # The text decoder's, whatever its architecture calls them (attribute_map: GPT-2's n_positions).
+        self._vocab_size, self._max_positions = config.decoder.vocab_size, config.decoder.max_position_embeddings
+
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def max_positions(self) -> int:
+        return self._max_positions
 
     def prefill(self, pixel_values, prompt_ids, prompt_mask) -> DecodeState:
         (memory,) = self.run(ENCODER, {"pixel_values": pixel_values})

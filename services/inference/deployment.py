@@ -13,13 +13,13 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from fuseloop.repository import ModelRepository, RepositoryError, ServingState
+from fuseloop.repository import MODELS, ModelRepository, RepositoryError, ServingState
 from services.inference.metrics import InferenceMetrics
 from services.inference.runtime.base import LoadedVersion, ModelRuntime, RuntimeError_
 
@@ -48,11 +48,14 @@ class VersionMirror(Protocol):
 
 
 class ServedVersion:
-    """A loaded version with a count of the requests using it."""
+    """A loaded version with a count of the requests using it. `on_close` is called once it is
+    closed (on the thread that returned its last lease)."""
 
-    def __init__(self, loaded: LoadedVersion, mirrors: Sequence[VersionMirror] = ()) -> None:
+    def __init__(self, loaded: LoadedVersion, mirrors: Sequence[VersionMirror] = (),
+                 on_close: Callable[["ServedVersion"], None] | None = None) -> None:
         self.loaded = loaded
         self.mirrors = mirrors
+        self.on_close = on_close
         self._refs = 0
         self._retired = False
         self._lock = threading.Lock()
@@ -88,6 +91,8 @@ class ServedVersion:
             self.loaded.close()
         except Exception:  # a runtime's cleanup failing must not fail the request that finished last
             log.exception("closing version %s failed", self.version)
+        if self.on_close is not None:
+            self.on_close(self)
 
 
 class Lease:
@@ -136,14 +141,21 @@ class Deployment:
     here first, then change the record; every other replica's watcher sees the change within
     `watch_interval_s`, loads and warms, then swaps. A replica that cannot load the desired version
     keeps serving what it has, reports NOT_SERVING for it, and retries with backoff.
-    Deploys are serialized; reads are lock-free."""
+    Deploys are serialized; reads are lock-free.
+
+    `graphs`: the graphs loaded here (the server scores; its engine process, a mirror, loads the
+    generation graphs itself). At most two versions are resident at once in steady operation:
+    the serving one and the canary, or during a swap the incoming one and the outgoing one until
+    its last request ends (`resident`)."""
 
     def __init__(self, repo: ModelRepository, runtime: ModelRuntime, executor: Executor,
                  state_path: Path | None = None, history_limit: int = 50,
                  mirrors: Sequence[VersionMirror] = (), watch_interval_s: float = 0.5,
-                 retry_backoff_s: tuple[float, float] = (1.0, 30.0), metrics: InferenceMetrics | None = None) -> None:
+                 retry_backoff_s: tuple[float, float] = (1.0, 30.0), metrics: InferenceMetrics | None = None,
+                 graphs: Iterable[str] = MODELS) -> None:
         self.repo = repo
         self.runtime = runtime
+        self.graphs = tuple(graphs)
         self.executor = executor
         self.mirrors = mirrors
         self.state_path = Path(state_path) if state_path else repo.serving_state_path
@@ -160,6 +172,12 @@ class Deployment:
         self._watcher: asyncio.Task | None = None
         self.last_error: str = ""
         self._listeners: list[Callable[[int], None]] = []
+        self._resident: set[ServedVersion] = set()  # loaded here and not closed yet
+
+    def resident(self) -> dict[int, list[str]]:
+        """The versions loaded in this process and not closed yet (retired ones still finishing
+        requests included) -> the graphs loaded of each."""
+        return {s.version: sorted(s.loaded.graphs) for s in sorted(list(self._resident), key=lambda s: s.version)}
 
     def on_swap(self, listener: Callable[[int], object]) -> None:
         """Called (and awaited, if it returns an awaitable) with the new version after every swap."""
@@ -256,6 +274,7 @@ class Deployment:
             record.with_canary(version, percent, 0)  # refuses a bad share or the serving version up front
             served = None
             if self._canary is None or self._canary.version != version:
+                self._set_canary(None)  # a replaced trial is gone before the new one loads (at most two resident)
                 served = await self._load(version)
             try:
                 state = ServingState.update(
@@ -291,27 +310,35 @@ class Deployment:
     async def converge(self) -> None:
         """One look at the record: load and warm what it names, then swap (or note why not)."""
         record = await asyncio.get_running_loop().run_in_executor(self.executor, ServingState.read, self.state_path)
-        if record.serving is None:  # no record yet: keep what serves
+        if record.serving is None or self._stale(record):  # no record yet: keep what serves
             return
         self.state = record
         self._report()
+        if self._canary is not None and self._canary.version not in (record.canary, record.serving):
+            self._set_canary(None)  # an ended or replaced trial is gone before anything new loads
         if self._wants(record.serving, self._serving):
             async with self._deploy_lock:
-                if self._wants(record.serving, self._serving):
+                if not self._stale(record) and self._wants(record.serving, self._serving):
                     served = self._take_canary(record.serving) or await self._try_load(record.serving)
                     if served is not None:
                         await self._swap(served)
+        if self._stale(record):
+            return
         self._canary_percent = record.canary_percent
         if record.canary is None:
             if self._canary is not None:
                 self._set_canary(None)
         elif self._wants(record.canary, self._canary):
             async with self._deploy_lock:
-                if self._wants(record.canary, self._canary):
+                if not self._stale(record) and self._wants(record.canary, self._canary):
                     served = await self._try_load(record.canary)
                     if served is not None:
                         self._set_canary(served)
         self._report()
+
+    def _stale(self, record: ServingState) -> bool:
+        """A change made here since `record` was read is newer than it (the next look sees both)."""
+        return record.generation < self.state.generation
 
     def _wants(self, version: int, have: ServedVersion | None) -> bool:
         """`version` is not what `have` holds, and is not waiting out a failed load's backoff."""
@@ -363,10 +390,14 @@ class Deployment:
     async def _decide(self, version: int, change: Callable[[ServingState], ServingState],
                       expect_generation: int | None = None) -> ServingState:
         """Verify, load and warm `version` here, then change the record (so a version that can't
-        load never becomes the fleet's), then swap."""
+        load never becomes the fleet's), then swap. A canary of another version ends first (the
+        record ends it too), so no third version is resident while this one loads; if the load
+        fails, the watcher brings the record's canary back."""
         served = None
         if self._serving is None or self._serving.version != version:
             canary = self._canary if self._canary is not None and self._canary.version == version else None
+            if canary is None:
+                self._set_canary(None)
             served = canary or await self._load(version)
         try:
             state = ServingState.update(self.state_path, change, expect_generation)
@@ -388,8 +419,10 @@ class Deployment:
             raise VersionNotFound(f"version {version} is not in the repository "
                                   f"(available: {', '.join(map(str, self.repo.versions())) or 'none'})")
         # Verify, load and warm off the event loop, beside the serving version.
-        loaded = await asyncio.get_running_loop().run_in_executor(self.executor, self.runtime.load, self.repo, version)
-        served = ServedVersion(loaded, self.mirrors)
+        loaded = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.runtime.load, self.repo, version, self.graphs)
+        served = ServedVersion(loaded, self.mirrors, on_close=self._resident.discard)
+        self._resident.add(served)
         try:
             for mirror in self.mirrors:
                 await mirror.load(version)

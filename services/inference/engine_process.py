@@ -8,10 +8,14 @@ checks, tokenization and scoring in its own process and runs the engine in a chi
 interpreter, which also decodes small images (the event loop is the server's busiest thread).
 Two pipes connect them:
 
-- down (server -> engine): submit a job, cancel one, load or unload a version, stop;
+- down (server -> engine): submit a job, cancel one, load or unload a version, ask which
+  versions are resident, stop;
 - up (engine -> server): after a pass of the engine loop that finished a job or streamed tokens,
   one message with those and the engine's metric observations (metrics alone at most every
-  `STATS_EVERY_S`); and the answers to loads.
+  `STATS_EVERY_S`); and the answers to loads and questions.
+
+The child loads only the generation graphs of a version (`GENERATION_GRAPHS`); the server loads
+the reward graph, so no graph is held twice.
 
 The child's engine loop reads the down pipe between decode steps, on its only busy thread, so
 nothing in it waits for a GIL. Versions load on a helper thread, beside the running engine. If
@@ -36,11 +40,11 @@ from pathlib import Path
 import numpy as np
 
 from fuseloop.preprocessing import InvalidInput, PreprocessConfig, image_pixels
-from fuseloop.repository import ModelRepository
+from fuseloop.repository import ModelRepository, RepositoryError
 from services.inference.engine import EngineConfig, GenerationEngine, GenerationJob, SequenceSpec
 from services.inference.metrics import InferenceMetrics
 from services.inference.queueing import Arrival, ModelFailure, QueueClosed, QueueFull, RequestQueue
-from services.inference.runtime.base import LoadedVersion, ModelRuntime, RuntimeError_
+from services.inference.runtime.base import GENERATION_GRAPHS, LoadedVersion, ModelRuntime, RuntimeError_
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,7 @@ class EngineProcess:
         self._versions: set[int] = set()  # loaded in the child and not unloaded: what a restart loads again
         self._jobs: dict[int, GenerationJob] = {}
         self._loads: dict[int, asyncio.Future] = {}
+        self._questions: list[asyncio.Future] = []  # resident() calls, answered in order
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._gone = False
@@ -204,7 +209,8 @@ class EngineProcess:
 
     # -- versions (the deployment's mirror) -----------------------------------------------------
     async def load(self, version: int) -> None:
-        """Loads and warms `version` in the child; raises RuntimeError_ when it could not."""
+        """Loads and warms `version` in the child; raises RepositoryError when a graph doesn't
+        match the manifest, RuntimeError_ when it could not load otherwise."""
         if self._gone:
             raise RuntimeError_("the generation engine is not running")
         future = self._loads[version] = self._loop.create_future()
@@ -216,6 +222,16 @@ class EngineProcess:
         self._versions.discard(version)
         if not self._gone:
             self._send(("unload", version))
+
+    async def resident(self) -> dict[int, list[str]]:
+        """The versions the child holds (loaded, or unloaded but still finishing requests) -> the
+        graphs it loaded of each."""
+        if self._gone:
+            raise RuntimeError_("the generation engine is not running")
+        future = self._loop.create_future()
+        self._questions.append(future)
+        self._send(("resident", None))
+        return await future
 
     # -- lifecycle ------------------------------------------------------------------------------
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -262,10 +278,17 @@ class EngineProcess:
                 if kind == "pass":
                     self._apply_pass(*payload)
                 elif kind == "loaded":
-                    version, error = payload
+                    version, error, mismatch = payload
                     future = self._loads.pop(version, None)
                     if future is not None and not future.done():
-                        future.set_exception(RuntimeError_(error)) if error else future.set_result(None)
+                        if error:  # a graph that doesn't match its manifest is the artifact's fault, as here
+                            future.set_exception(RepositoryError(error) if mismatch else RuntimeError_(error))
+                        else:
+                            future.set_result(None)
+                elif kind == "resident":
+                    future = self._questions.pop(0)
+                    if not future.done():
+                        future.set_result(payload)
                 elif kind == "ready":
                     self._ready.set_result(None)
         except (EOFError, OSError):
@@ -301,9 +324,10 @@ class EngineProcess:
         self._up.close()
         if not self._ready.done():
             self._ready.set_exception(RuntimeError_(f"the generation engine process did not start: {error}"))
-        for future in self._loads.values():
+        for future in [*self._loads.values(), *self._questions]:
             if not future.done():
                 future.set_exception(RuntimeError_(str(error)))
+        self._questions = []
         jobs, self._jobs = self._jobs, {}
         for job in jobs.values():
             job._finish(error)
@@ -465,8 +489,13 @@ class EngineWorker:
             threading.Thread(target=self._load, args=(payload,), name=f"load-v{payload}", daemon=True).start()
         elif kind == "unload":  # new jobs can't use it; closed once no sequence or queued job does
             loaded = self.versions.pop(payload, None)
+            self.image_configs.pop(payload, None)
             if loaded is not None:
                 self.retiring.append(loaded)
+                self._close_retired()
+        elif kind == "resident":
+            held = [*self.versions.values(), *self.retiring]
+            self._send(("resident", {v.version: sorted(v.graphs) for v in sorted(held, key=lambda v: v.version)}))
         elif kind == "stop":
             for job in self.engine.queue.close():
                 job._finish(QueueClosed("the server is shutting down"))
@@ -517,15 +546,16 @@ class EngineWorker:
 
     def _load(self, version: int) -> None:
         try:
-            loaded = self.runtime.load(self.repo, version)
+            loaded = self.runtime.load(self.repo, version, GENERATION_GRAPHS)
             # The version's preprocessing under the service's image limits, worked out once.
             self.image_configs[version] = loaded.preprocessor.config.within(*self.image_limits)
             self.versions[version] = loaded
-            error = None
+            error, mismatch = None, False
         except Exception as e:  # reported to the deploy that asked
             log.exception("the engine process could not load version %s", version)
             error = f"the engine process could not load version {version}: {e}"
-        self._send(("loaded", (version, error)))
+            mismatch = isinstance(e, RepositoryError)
+        self._send(("loaded", (version, error, mismatch)))
 
     def _send(self, message: tuple) -> None:
         data = pickle.dumps(message, PICKLE)

@@ -3,7 +3,10 @@ same server: tritonclient.grpc works against it unchanged.
 
 The three models of a fused version (fuseloop_encoder, fuseloop_decoder, fuseloop_reward) run
 through the runtime's loaded version (for ONNX Runtime: that model's session), so this module stays
-runtime-agnostic. Available versions: the serving one, plus those RepositoryModelLoad loaded by
+runtime-agnostic. The server process holds only the graphs it runs itself (the reward model; the
+engine process has its own generation graphs): a ModelInfer for another graph loads it into that
+version on first use, and it stays until the version is closed. ModelReady and ModelMetadata
+answer from the manifest, loading nothing. Available versions: the serving one, plus those RepositoryModelLoad loaded by
 the model's config.pbtxt version policy. Load and unload change what KServe clients see, never what
 InferenceService serves; like the AdminService, they need the admin token.
 
@@ -37,7 +40,7 @@ from services.inference.kserve_inputs import KServeError, check_graph_inputs, de
 from fuseloop.loop_bridge import LoopBridge, settle
 from services.inference.metrics import InferenceMetrics
 from services.inference.queueing import Arrival, Cancelled, DeadlineExceeded, QueueClosed, QueueFull
-from services.inference.runtime.base import LoadedVersion
+from services.inference.runtime.base import LoadedVersion, RuntimeError_
 
 try:  # ONNX Runtime's own verdicts on bad input: passed through as INVALID_ARGUMENT
     from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
@@ -137,7 +140,8 @@ class KServeModels:
                 if v in self._extra or (serving is not None and serving.version == v):
                     continue
                 try:
-                    loaded = await loop.run_in_executor(self.executor, self.deployment.runtime.load, self.deployment.repo, v)
+                    loaded = await loop.run_in_executor(self.executor, self.deployment.runtime.load,
+                                                        self.deployment.repo, v, (name,))
                 except RepositoryError as e:
                     raise KServeError(grpc.StatusCode.FAILED_PRECONDITION, f"failed to load {name} version {v}: {e}") from None
                 self._extra[v] = ServedVersion(loaded)
@@ -254,6 +258,8 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             with self.models.lease(model, request.model_version) as lease:
                 loaded = lease.loaded
+                if model not in loaded.graphs:
+                    await self._load_graph(loaded, model)
                 sig = self.signatures.get(loaded, model)
                 config = self.models.config(model)
                 batcher = self._batcher(model, config)
@@ -277,6 +283,14 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
             add_output(name=name, datatype=_kserve_type(arr.dtype), shape=arr.shape)
             contents.append(arr.tobytes())
         return response
+
+    async def _load_graph(self, loaded: LoadedVersion, model: str) -> None:
+        """A graph this process does not run for itself, loaded into the version on first use."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, loaded.load_graphs, (model,))
+        except (RepositoryError, RuntimeError_) as e:  # e.g. the file changed under a verified version
+            raise KServeError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"failed to load {model} version {loaded.version}: {e}") from None
 
     def _batcher(self, model: str, config: model_config_pb2.ModelConfig) -> Batcher | None:
         """The model's batcher, set to its config.pbtxt, when that asks for dynamic batching."""
@@ -357,7 +371,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         if max_batch > 0 and batches and max(batches) > max_batch:
             raise KServeError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"batch size {max(batches)} exceeds {model}'s max_batch_size {max_batch}")
-        check_graph_inputs(model, inputs, loaded.manifest.model_config)
+        check_graph_inputs(model, inputs, loaded.stepper)
         wanted = [o.name for o in request.outputs]
         unknown = [n for n in wanted if n not in sig.outputs]
         if unknown:

@@ -1,7 +1,7 @@
 """KServe v2 request checks: everything a client can get wrong in a ModelInfer (or a version
 string) is refused here with INVALID_ARGUMENT and a message naming the input, before ONNX Runtime
 sees it. The graphs' own limits (vocabulary, position tables, at least one token) come from the
-manifest's model config."""
+version's family (its stepper, over the manifest's model config), so every family is checked alike."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import grpc
 import numpy as np
 from tritonclient.utils import triton_to_np_dtype
 
-from fuseloop.repository import DECODER, ENCODER, REWARD
+from fuseloop.families import Stepper
 
 INT64_MAX = 2**63 - 1
+PAST_AXIS = 3  # the sequence axis of a `past` cache, (B, 2L, H, P, hd), in every family (DecodeState)
 MAX_RANK = 8
 TYPED_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
                   "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
@@ -93,42 +94,59 @@ def _mask(name: str, arr: np.ndarray) -> None:
         raise invalid(f"input {name}: mask values must be 0 or 1")
 
 
-def check_graph_inputs(model: str, inputs: dict[str, np.ndarray], cfg: dict) -> None:
-    """What the graphs themselves need beyond names, dtypes and ranks."""
-    vocab = int(cfg["vocab_size"])
-    if model in (ENCODER, REWARD):
-        _not_empty("prompt_ids", inputs["prompt_ids"], 1)
-        if inputs["prompt_ids"].shape[1] > cfg["max_prompt_tokens"]:
-            raise invalid(f"input prompt_ids: {inputs['prompt_ids'].shape[1]} tokens; the model takes at most "
-                          f"{cfg['max_prompt_tokens']}")
-        if inputs["prompt_mask"].shape != inputs["prompt_ids"].shape:
-            raise invalid(f"input prompt_mask has shape {list(inputs['prompt_mask'].shape)}; "
-                          f"prompt_ids has {list(inputs['prompt_ids'].shape)}")
-        _ids_in("prompt_ids", inputs["prompt_ids"], vocab, "vocabulary")
-        _mask("prompt_mask", inputs["prompt_mask"])
-    if model == REWARD:
-        ids, mask = inputs["response_ids"], inputs["response_mask"]
-        _not_empty("response_ids", ids, 1)
-        if ids.shape[1] > cfg["max_response_tokens"] + 1:
-            raise invalid(f"input response_ids: {ids.shape[1]} tokens; the position table has "
-                          f"{cfg['max_response_tokens'] + 1}")
-        if mask.shape != ids.shape:
-            raise invalid(f"input response_mask has shape {list(mask.shape)}; response_ids has {list(ids.shape)}")
-        _ids_in("response_ids", ids, vocab, "vocabulary")
-        _mask("response_mask", mask)
-    if model == DECODER:
-        ids, pos, att = inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"]
-        memory, memory_mask, past = inputs["memory"], inputs["memory_mask"], inputs["past"]
-        _not_empty("input_ids", ids, 1)
-        _not_empty("memory", memory, 1)
-        if pos.shape != ids.shape:
+def check_graph_inputs(model: str, inputs: dict[str, np.ndarray], stepper: Stepper) -> None:
+    """What a graph itself needs beyond names, dtypes and ranks, for any family, by input name:
+    token ids (`*_ids`) inside the vocabulary, at least one of them, and a `*_mask` partner of
+    the same shape; 0/1 masks; position ids inside the position table; an `attention_mask` as long
+    as the cache (`past`) plus the new tokens; `memory` (or `encoder_hidden_states`) not empty. The
+    bounds are the family's (`Stepper.vocab_size`, `max_positions`, `max_tokens`). `model` names
+    the graph in messages."""
+    vocab, table, own = stepper.vocab_size(), stepper.max_positions(), stepper.max_tokens()
+    shared = []  # token inputs read as one sequence through the position table, with their masks
+    for name, ids in inputs.items():
+        if not name.endswith("_ids") or name == "position_ids" or ids.ndim < 2:
+            continue
+        _not_empty(name, ids, 1)
+        limit = own.get(name)
+        if limit is not None and ids.shape[1] > limit:
+            raise invalid(f"input {name}: {ids.shape[1]} tokens; {model} takes at most {limit}")
+        mask_name = name.removesuffix("_ids") + "_mask"
+        mask = inputs.get(mask_name)
+        if mask is not None and mask.shape != ids.shape:
+            raise invalid(f"input {mask_name} has shape {list(mask.shape)}; {name} has {list(ids.shape)}")
+        _ids_in(name, ids, vocab, "vocabulary")
+        if mask is not None:
+            _mask(mask_name, mask)
+        if limit is None:
+            shared.append((name, ids, mask))
+    if shared:  # real tokens per row (positions count real tokens only)
+        lengths = sum(m.sum(axis=1) if m is not None else np.full(len(i), i.shape[1]) for _, i, m in shared)
+        if lengths.size and lengths.max() > table:
+            names = " + ".join(n for n, _, _ in shared)
+            raise invalid(f"input {names}: {int(lengths.max())} tokens in a row; {model}'s position table has {table}")
+    pos = inputs.get("position_ids")
+    if pos is not None:
+        ids = inputs.get("input_ids")
+        if ids is not None and pos.shape != ids.shape:
             raise invalid(f"input position_ids has shape {list(pos.shape)}; input_ids has {list(ids.shape)}")
-        if memory_mask.shape != memory.shape[:2]:
-            raise invalid(f"input memory_mask has shape {list(memory_mask.shape)}; memory has {list(memory.shape)}")
-        if att.shape[1] != past.shape[3] + ids.shape[1]:
-            raise invalid(f"input attention_mask has length {att.shape[1]}; it must be past length {past.shape[3]} "
-                          f"+ new tokens {ids.shape[1]} = {past.shape[3] + ids.shape[1]}")
-        _ids_in("input_ids", ids, vocab, "vocabulary")
-        _ids_in("position_ids", pos, int(cfg["max_response_tokens"]) + 1, "position table")
+        _ids_in("position_ids", pos, table, "position table")
+    att, past = inputs.get("attention_mask"), inputs.get("past")
+    if att is not None and att.ndim == 2:
+        new = next((inputs[n].shape[1] for n in ("input_ids", "position_ids") if n in inputs and inputs[n].ndim >= 2),
+                   None)
+        if past is not None and past.ndim > PAST_AXIS and new is not None and att.shape[1] != past.shape[PAST_AXIS] + new:
+            raise invalid(f"input attention_mask has length {att.shape[1]}; it must be past length "
+                          f"{past.shape[PAST_AXIS]} + new tokens {new} = {past.shape[PAST_AXIS] + new}")
+        if att.shape[1] > table:
+            raise invalid(f"input attention_mask has length {att.shape[1]}; {model}'s position table has {table}")
         _mask("attention_mask", att)
-        _mask("memory_mask", memory_mask)
+    for name in ("memory", "encoder_hidden_states"):
+        memory = inputs.get(name)
+        if memory is not None and memory.ndim >= 2:
+            _not_empty(name, memory, 1)
+            memory_mask = inputs.get(name + "_mask")
+            if memory_mask is not None:
+                if memory_mask.shape != memory.shape[:2]:
+                    raise invalid(f"input {name}_mask has shape {list(memory_mask.shape)}; {name} has "
+                                  f"{list(memory.shape)}")
+                _mask(name + "_mask", memory_mask)

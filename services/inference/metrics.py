@@ -3,13 +3,16 @@ several servers (tests, benchmarks) can live in one process."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from fuseloop.metrics import MetricsRegistry
 from services.inference.batching import BatchMetrics
+from services.inference.process_memory import peak_rss_bytes
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -53,6 +56,9 @@ class InferenceMetrics(MetricsRegistry):
         self.desired_serving = Gauge("fuseloop_inference_desired_version_serving",
                                      "1: this replica serves the desired version; 0: not yet, or it could not "
                                      "load it (it keeps serving what it has and retries)", ["version"], registry=r)
+        self.peak_rss = Gauge("fuseloop_inference_process_peak_rss_bytes",
+                              "Peak resident memory (VmHWM) of the server process and of its engine process",
+                              ["process"], registry=r)
         # Children the worker threads update on every step, looked up once.
         self.encode_batch, self.decode_batch, self.score_batch = (self.batch_size.labels(k) for k in ("encode", "decode", "score"))
         self.generate_queue_time, self.score_queue_time = (self.queue_time.labels(k) for k in ("generate", "score"))
@@ -60,6 +66,15 @@ class InferenceMetrics(MetricsRegistry):
         self._window_start = time.monotonic()
         self._window_tokens = 0
         self._lock = threading.Lock()
+
+    def watch_peak_rss(self, process: str, pid: Callable[[], int | None]) -> None:
+        """Reads `process`'s peak RSS at each scrape; `pid` is asked each time (a restarted engine
+        process has a new one); NaN while it has none."""
+        def read() -> float:
+            value = peak_rss_bytes(pid())
+            return math.nan if value is None else float(value)
+
+        self.peak_rss.labels(process).set_function(read)
 
     def score_batching(self) -> BatchMetrics:
         return BatchMetrics(self.score_batch, self.score_queue_time, self.score_queue_depth)

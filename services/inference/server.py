@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import threading
 import time
@@ -41,7 +42,7 @@ from services.inference.kserve import KServeModels, KServeService
 from services.inference.kserve_batching import infer_jobs
 from services.inference.metrics import InferenceMetrics
 from services.inference.rpc_handlers import add_service
-from services.inference.runtime.base import ModelRuntime
+from services.inference.runtime.base import SCORING_GRAPHS, ModelRuntime
 from services.inference.scoring import score_batcher
 from services.inference.service import InferenceService
 
@@ -95,8 +96,12 @@ class InferenceServer:
                                     on_restart=self._engine_restarted, max_restarts=c.engine_restarts)
         self._started.append(self.engine.stop)
         await self.engine.start()
+        # This process scores; the engine process loads the generation graphs itself.
         self.deployment = Deployment(self.repo, self.runtime, self.executor, self.state_path, mirrors=[self.engine],
-                                     watch_interval_s=c.serving_record_watch_s, metrics=self.metrics)
+                                     watch_interval_s=c.serving_record_watch_s, metrics=self.metrics,
+                                     graphs=SCORING_GRAPHS)
+        self.metrics.watch_peak_rss("server", os.getpid)
+        self.metrics.watch_peak_rss("engine", lambda: self.engine.pid)
         self._started.append(self.deployment.close)
         self.kserve_models = KServeModels(self.deployment, self.executor)
         self._started.append(self.kserve_models.close)

@@ -6,8 +6,9 @@ this interface; ONNX Runtime (in process) and Triton (over gRPC) sit behind it.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -15,21 +16,37 @@ from fuseloop.errors import UserError
 from fuseloop.families import Stepper, family_for
 from fuseloop.preprocessing import Preprocessor
 from fuseloop.preprocessing import load_preprocessor as read_preprocessor
-from fuseloop.repository import ENCODER, Manifest, ModelRepository, RepositoryError, TensorSpec
+from fuseloop.repository import DECODER, ENCODER, MODELS, REWARD, Manifest, ModelRepository, RepositoryError, TensorSpec
+
+# The graphs each kind of work runs (their roles in fuseloop.families.base): a process loads only
+# those of the work it does, so the engine process and the server don't both hold every graph.
+GENERATION_GRAPHS = (ENCODER, DECODER)  # the stepper's prefill and step
+SCORING_GRAPHS = (REWARD,)  # the stepper's score
 
 
 class RuntimeError_(Exception):
     """A runtime could not load or run a model version (distinct from bad client input)."""
 
 
+def graph_names(graphs: Iterable[str]) -> tuple[str, ...]:
+    """`graphs` checked against the repository's names, in its order."""
+    wanted = set(graphs)
+    unknown = wanted - set(MODELS)
+    if unknown:
+        raise ValueError(f"unknown graph(s) {', '.join(sorted(unknown))}; graphs: {', '.join(MODELS)}")
+    return tuple(m for m in MODELS if m in wanted)
+
+
 class LoadedVersion(ABC):
-    """One fused model version, loaded and ready: its graphs run by name (`run`), and the family's
-    stepper over them, which the engine prefills and steps, and scoring scores with."""
+    """One fused model version, loaded and ready: those of its graphs this process loaded
+    (`graphs`) run by name (`run`), and the family's stepper over them, which the engine prefills
+    and steps, and scoring scores with. More graphs load on demand (`load_graphs`)."""
 
     def __init__(self, version: int, manifest: Manifest, preprocessor: Preprocessor) -> None:
         self.version = version
         self.manifest = manifest
         self.preprocessor = preprocessor
+        self._graph_lock = threading.Lock()
         try:
             family = family_for(manifest)
         except UserError as e:  # e.g. a version written by a newer fuseloop
@@ -38,7 +55,28 @@ class LoadedVersion(ABC):
 
     @abstractmethod
     def run(self, model: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """One graph, its inputs by name -> its outputs in the manifest's order."""
+        """One loaded graph, its inputs by name -> its outputs in the manifest's order."""
+
+    @property
+    @abstractmethod
+    def graphs(self) -> frozenset[str]:
+        """The graphs loaded here."""
+
+    @abstractmethod
+    def _open_graph(self, model: str) -> None:
+        """Loads one more graph of this version (checked against the manifest)."""
+
+    def load_graphs(self, graphs: Iterable[str]) -> None:
+        """Loads those of `graphs` not loaded yet; blocking (call it off the event loop). Raises
+        RepositoryError when a graph doesn't match the manifest."""
+        with self._graph_lock:  # two first requests for a graph load it once
+            for model in graph_names(graphs):
+                if model not in self.graphs:
+                    self._open_graph(model)
+
+    def not_loaded(self, model: str) -> RuntimeError_:
+        return RuntimeError_(f"version {self.version}: graph {model} is not loaded in this process "
+                             f"(loaded: {', '.join(sorted(self.graphs)) or 'none'})")
 
     def score(self, pixel_values: np.ndarray, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
               response_ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
@@ -46,14 +84,17 @@ class LoadedVersion(ABC):
         return self.stepper.score(pixel_values, prompt_ids, prompt_mask, response_ids, response_mask)
 
     def warm_up(self) -> None:
-        """One call through each graph, so the first real request doesn't pay for initialization."""
+        """One call through each loaded graph's work (generation, scoring), so the first real
+        request doesn't pay for initialization."""
         pre = self.preprocessor
         size = pre.config.image_size
         pixels = np.zeros((1, 3, size, size), dtype=np.float32)
         ids = np.array([[pre.bos_id]], dtype=np.int64)
         mask = np.ones((1, 1), dtype=np.int64)
-        self.stepper.step(self.stepper.prefill(pixels, ids, mask))
-        self.score(pixels, ids, mask, ids, mask)
+        if self.graphs.issuperset(GENERATION_GRAPHS):
+            self.stepper.step(self.stepper.prefill(pixels, ids, mask))
+        if self.graphs.issuperset(SCORING_GRAPHS):
+            self.score(pixels, ids, mask, ids, mask)
 
     def metadata(self) -> dict:
         return {"version": self.version, "parent_version": self.manifest.parent_version,
@@ -67,9 +108,10 @@ class ModelRuntime(ABC):
     name: str = "runtime"
 
     @abstractmethod
-    def load(self, repo: ModelRepository, version: int) -> LoadedVersion:
-        """Verifies the version against its manifest, loads and warms it. Raises RepositoryError
-        when the artifact doesn't match its manifest."""
+    def load(self, repo: ModelRepository, version: int, graphs: Iterable[str] = MODELS) -> LoadedVersion:
+        """Verifies the version against its manifest, loads `graphs` of it (default: all) and warms
+        them. Raises RepositoryError when the artifact doesn't match its manifest, ValueError for
+        an unknown graph name."""
 
     @abstractmethod
     def worker_factory(self) -> Callable[[], "ModelRuntime"]:

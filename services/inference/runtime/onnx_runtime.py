@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import onnxruntime as ort
 
-from fuseloop.repository import ENCODER, MODELS, ModelRepository, TensorSpec
-from services.inference.runtime.base import LoadedVersion, ModelRuntime, check_signature, load_preprocessor
+from fuseloop.repository import MODELS, ModelRepository, TensorSpec
+from services.inference.runtime.base import (LoadedVersion, ModelRuntime, check_signature, graph_names,
+                                             load_preprocessor)
 
 ORT_TO_KSERVE = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(int32)": "INT32",
                  "tensor(bool)": "BOOL", "tensor(float16)": "FP16"}
@@ -42,20 +43,40 @@ def _specs(args) -> list[TensorSpec]:
 
 
 class OnnxVersion(LoadedVersion):
-    def __init__(self, version, manifest, preprocessor, sessions: dict[str, ort.InferenceSession]) -> None:
+    """A version's sessions: those loaded with it, and any opened later by `load_graphs`
+    (`open_session`: graph name -> its checked session)."""
+
+    def __init__(self, version, manifest, preprocessor,
+                 open_session: Callable[[str], ort.InferenceSession]) -> None:
         super().__init__(version, manifest, preprocessor)
-        self.sessions = sessions
+        self._open_session = open_session
+        self.sessions: dict[str, ort.InferenceSession] = {}
+
+    @property
+    def graphs(self) -> frozenset[str]:
+        return frozenset(self.sessions)
+
+    def _open_graph(self, model: str) -> None:
+        self.sessions[model] = self._open_session(model)
 
     @property
     def providers(self) -> list[str]:
         # get_available_providers() lists CUDA even without a GPU; what a session got is the truth.
-        return self.sessions[ENCODER].get_providers()
+        return next(iter(self.sessions.values())).get_providers() if self.sessions else []
 
     def run(self, model, inputs):
-        return self.sessions[model].run(None, inputs)
+        try:
+            session = self.sessions[model]
+        except KeyError:
+            raise self.not_loaded(model) from None
+        return session.run(None, inputs)
 
     def metadata(self) -> dict:
         return {**super().metadata(), "providers": self.providers}
+
+    def close(self) -> None:
+        # The sessions hold the weights: drop them now, whoever still refers to this object.
+        self.sessions = {}
 
 
 class OnnxRuntime(ModelRuntime):
@@ -77,16 +98,19 @@ class OnnxRuntime(ModelRuntime):
             opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return opts
 
-    def load(self, repo: ModelRepository, version: int) -> OnnxVersion:
+    def load(self, repo: ModelRepository, version: int, graphs: Iterable[str] = MODELS) -> OnnxVersion:
+        graphs = graph_names(graphs)
         manifest = repo.verify(version)
         providers = session_providers(self.config.device)
-        sessions = {}
-        for model in MODELS:
+
+        def open_session(model: str) -> ort.InferenceSession:
             sess = ort.InferenceSession(str(repo.model_path(model, version)), self._options(), providers=providers)
             check_signature(version, model, manifest.io(model, "inputs"), _specs(sess.get_inputs()))
             check_signature(version, model, manifest.io(model, "outputs"), _specs(sess.get_outputs()))
-            sessions[model] = sess
-        loaded = OnnxVersion(version, manifest, load_preprocessor(repo, version, manifest), sessions)
+            return sess
+
+        loaded = OnnxVersion(version, manifest, load_preprocessor(repo, version, manifest), open_session)
+        loaded.load_graphs(graphs)
         loaded.warm_up()
         return loaded
 

@@ -16,6 +16,9 @@ Model control (explicit mode, `--model-control-mode=explicit`), and what Triton 
   any loss in availability"; a failed reload leaves what was loaded as it was. The override also
   lets a rollback load a version that `latest { num_versions: 2 }` would no longer select.
   MLServer ignores load parameters and applies config.pbtxt's policy (latest 2) instead.
+- `load(repo, v, graphs)` makes the server serve all three models of v (one version is whole on
+  the server, whoever asks); `graphs` only says which of them this runtime waits for, checks and
+  warms (the engine process generates, the service scores), and `load_graphs` adds one later.
 - `TritonVersion.close()` only tells the runtime the service is done with it: other service
   replicas may still send it traffic, so nothing is unloaded. The next `load` leaves it out of
   the policy (Triton then unloads it); `TritonRuntime.unload_version(v)` does that right away.
@@ -29,7 +32,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -42,7 +45,8 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from fuseloop.repository import MODELS, Manifest, ModelRepository, RepositoryError, TensorSpec
-from services.inference.runtime.base import LoadedVersion, ModelRuntime, RuntimeError_, check_signature, load_preprocessor
+from services.inference.runtime.base import (LoadedVersion, ModelRuntime, RuntimeError_, check_signature, graph_names,
+                                             load_preprocessor)
 
 SCHEME = "triton://"
 CONFIG_FILE = "config.pbtxt"
@@ -130,7 +134,7 @@ class TritonVersion(LoadedVersion):
     """One version served by Triton: each call is a ModelInfer pinned to this version."""
 
     def __init__(self, version: int, manifest: Manifest, preprocessor, runtime: "TritonRuntime",
-                 max_batch: dict[str, int], platform: str) -> None:
+                 max_batch: dict[str, int], platform: str, graphs: Iterable[str] = MODELS) -> None:
         super().__init__(version, manifest, preprocessor)
         self.runtime = runtime
         self.max_batch = max_batch
@@ -138,9 +142,20 @@ class TritonVersion(LoadedVersion):
         self._specs = {m: {t.name: t for t in manifest.io(m, "inputs")} for m in MODELS}
         self._outputs = {m: [t.name for t in manifest.io(m, "outputs")] for m in MODELS}
         self._requested = {m: [triton.InferRequestedOutput(n) for n in names] for m, names in self._outputs.items()}
+        self._graphs = frozenset(graphs)  # those checked ready on the server
         self._closed = False
 
+    @property
+    def graphs(self) -> frozenset[str]:
+        return self._graphs
+
+    def _open_graph(self, model: str) -> None:
+        self.runtime.check_graphs(self.version, self.manifest, [model])
+        self._graphs = self._graphs | {model}
+
     def run(self, model: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if model not in self._graphs:
+            raise self.not_loaded(model)
         batch = len(next(iter(feeds.values())))
         limit = self.max_batch.get(model, 0)
         if limit <= 0 or batch <= limit:
@@ -174,8 +189,8 @@ class TritonVersion(LoadedVersion):
         return out
 
     def is_ready(self) -> bool:
-        """All three models of this version are ready on the server (False when it is down)."""
-        return all(self.runtime.model_ready(m, self.version) for m in MODELS)
+        """The graphs loaded here are ready on the server (False when it is down)."""
+        return all(self.runtime.model_ready(m, self.version) for m in self._graphs)
 
     def metadata(self) -> dict:
         return {**super().metadata(), "runtime": "triton", "url": self.runtime.config.url,
@@ -240,7 +255,8 @@ class TritonRuntime(ModelRuntime):
 
     # -- loading ----------------------------------------------------------------------------
 
-    def load(self, repo: ModelRepository, version: int) -> TritonVersion:
+    def load(self, repo: ModelRepository, version: int, graphs: Iterable[str] = MODELS) -> TritonVersion:
+        graphs = graph_names(graphs)
         # Checked here, before the server touches anything: Triton reads the same folders.
         manifest = repo.verify(version)
         preprocessor = load_preprocessor(repo, version, manifest)
@@ -248,10 +264,9 @@ class TritonRuntime(ModelRuntime):
         with self._control:
             if self.config.model_control:
                 self._apply(repo, sorted(set(self.held_versions()) | {version}))
-            self._wait_ready(version)
-            platform = self._check_metadata(version, manifest)
+            platform = self.check_graphs(version, manifest, graphs)
             loaded = TritonVersion(version, manifest, preprocessor, self,
-                                   {m: max_batch_size(repo.root / m / CONFIG_FILE) for m in MODELS}, platform)
+                                   {m: max_batch_size(repo.root / m / CONFIG_FILE) for m in MODELS}, platform, graphs)
             with self._held_lock:
                 self._held[version] = self._held.get(version, 0) + 1
         try:
@@ -271,9 +286,15 @@ class TritonRuntime(ModelRuntime):
             except InferenceServerException as e:
                 raise self.error(f"the server could not load {model} versions {versions}", e) from None
 
-    def _wait_ready(self, version: int) -> None:
+    def check_graphs(self, version: int, manifest: Manifest, models: Iterable[str]) -> str:
+        """Waits until `models` of `version` are ready on the server and checks them against the
+        manifest; returns the server's platform name."""
+        self._wait_ready(version, models)
+        return self._check_metadata(version, manifest, models)
+
+    def _wait_ready(self, version: int, models: Iterable[str]) -> None:
         deadline = time.monotonic() + self.config.load_timeout_s
-        pending = list(MODELS)
+        pending = list(models)
         while pending:
             pending = [m for m in pending if not self.model_ready(m, version)]
             if not pending:
@@ -285,10 +306,10 @@ class TritonRuntime(ModelRuntime):
                     f"its version policy select version {version}?")
             time.sleep(self.config.ready_poll_s)
 
-    def _check_metadata(self, version: int, manifest: Manifest) -> str:
+    def _check_metadata(self, version: int, manifest: Manifest, models: Iterable[str]) -> str:
         """The server's view of each graph must match what the manifest promises."""
         platform = ""
-        for model in MODELS:
+        for model in models:
             try:
                 meta = self.client.get_model_metadata(model, str(version), headers=self.headers,
                                                       client_timeout=10.0)
