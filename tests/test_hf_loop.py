@@ -202,12 +202,6 @@ def reward_inputs(ckpt: Checkpoint, examples, responses: list[str]) -> tuple[dic
             "response_mask": r_mask}, rewards
 
 
-# services/inference/kserve_inputs.check_graph_inputs reads the built-in model's config keys
-# (vocab_size, max_prompt_tokens) for every family: INTERNAL "'vocab_size'" on a Hugging Face
-# version. Outside this task's files; strict, so the fix (family-generic checks) makes this fail
-# until the mark goes.
-@pytest.mark.xfail(strict=True, raises=InferenceServerException,
-                   reason="KServe input checks assume the built-in model's config (INTERNAL 'vocab_size')")
 def test_kserve_model_infer_on_the_reward_graph_gives_the_torch_reward(loop):
     arrays, rewards = reward_inputs(loop.ckpt, EXAMPLES, greedy_answers(loop.ckpt, EXAMPLES))
     client = tc.InferenceServerClient(loop.inference.address)  # Triton's own client, unchanged

@@ -159,7 +159,22 @@ def sequence_logprobs(model: nn.Module, pixel_values, prompt_ids, prompt_mask, r
     (so a peft-wrapped model works as is). Prompts left-padded."""
     ids, mask, pos = hf_layout.join(prompt_ids, prompt_mask, response_ids, response_mask)
     logits = model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, position_ids=pos).logits
-    return hf_layout.response_logprobs(logits, response_ids, response_mask)
+    return hf_layout.response_logprobs(without_placeholder(logits, _base(model).config.image_token_id),
+                                       response_ids, response_mask)
+
+
+def suppress_placeholder(model: LlavaForConditionalGeneration) -> None:
+    """Makes the model's own `generate()` (a `from_pretrained` user's) answer as fuseloop does:
+    its generation config suppresses the image placeholder (`without_placeholder`)."""
+    config = model.generation_config
+    config.suppress_tokens = sorted(set(config.suppress_tokens or []) | {model.config.image_token_id})
+
+
+def without_placeholder(logits: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """The policy's distribution over answer tokens: never the image placeholder (an answer that
+    held it would splice a second image when scored). Generation, serving and the trainer's
+    log-probs all use it."""
+    return logits.index_fill(-1, torch.tensor([image_token_id], device=logits.device), float("-inf"))
 
 
 def reward_model(policy: LlavaForConditionalGeneration) -> HFRewardModel:
@@ -307,6 +322,7 @@ class HFLlavaStepper(Stepper):
         self.cache_shape = cache_shape(config)
         c = config.text_config
         self.d_model, self._vocab_size, self._max_positions = c.hidden_size, c.vocab_size, c.max_position_embeddings
+        self.image_token_id = config.image_token_id
 
     def vocab_size(self) -> int:
         """Token ids (prompt_ids, input_ids, response_ids) are below this (placeholders included)."""
@@ -330,6 +346,11 @@ class HFLlavaStepper(Stepper):
         return DecodeState(tokens=ids[:, -1].copy(), positions=prefix_mask.sum(-1), past=past,
                            past_mask=prefix_mask.copy(), memory=np.zeros((B, 0, self.d_model), np.float32),
                            memory_mask=np.zeros((B, 0), np.int64), past_axis=3)
+
+    def step(self, state: DecodeState) -> np.ndarray:
+        logits = super().step(state)  # as `without_placeholder`
+        logits[:, self.image_token_id] = -np.inf
+        return logits
 
     def step_inputs(self, state: DecodeState, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         return {"inputs_embeds": np.zeros((len(state), 0, self.d_model), np.float32),
@@ -360,6 +381,7 @@ class HFLlavaFamily(ModelFamily):
         if isinstance(module, HFRewardModel):
             module.save(directory)
         else:
+            suppress_placeholder(_base(module))
             module.save_pretrained(str(directory))
 
     def save_assets(self, preprocessor, directory: Path) -> None:
@@ -395,6 +417,7 @@ class HFLlavaFamily(ModelFamily):
         prompt_ids, prompt_mask = left_padded(prompt_ids, prompt_mask)
         ids, mask, pos = hf_layout.join(prompt_ids, prompt_mask, input_ids[:, 1:], input_mask[:, 1:])
         logits = policy(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, position_ids=pos).logits
+        logits = without_placeholder(logits, _base(policy).config.image_token_id)
         return logits[:, prompt_ids.shape[1] - 1:]  # the prompt's last token predicts input_ids[:, 1]
 
     def generate(self, policy, pixel_values, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, top_p=1.0,
@@ -407,13 +430,14 @@ class HFLlavaFamily(ModelFamily):
             _, past = decode(model, embeds[:, :-1], mask[:, :-1], positions(mask[:, :-1]), past)
         mask, pos = mask[:, :-1], mask[:, :-1].sum(-1, keepdim=True)
         embed = model.get_input_embeddings()
+        image_token_id = model.config.image_token_id
 
         def step(token: torch.Tensor) -> torch.Tensor:
             nonlocal past, mask, pos
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             logits, past = decode(model, embed(token[:, None]), mask, pos, past)
             pos = pos + 1
-            return logits[:, -1]
+            return without_placeholder(logits[:, -1], image_token_id)
 
         c = model.config.text_config
         return sample_loop(step, ids[:, -1], max_new_tokens, c.eos_token_id, c.pad_token_id, temperature, top_p,

@@ -123,7 +123,7 @@ def build_llava(directory: Path, cfg: TinyConfig = TinyConfig(), pre: Preprocess
                          vision_feature_select_strategy="default", vision_feature_layer=-1,
                          image_seq_length=n_patches, **ids)
     model = LlavaForConditionalGeneration(config)
-    model.generation_config.update(**ids)
+    model.generation_config.update(**ids, suppress_tokens=[config.image_token_id])  # answers hold no placeholder
     model.save_pretrained(str(directory))
     image_processor = CLIPImageProcessor(size={"shortest_edge": pre.image_size}, do_center_crop=True,
                                          crop_size={"height": pre.image_size, "width": pre.image_size},
