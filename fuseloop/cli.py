@@ -42,7 +42,8 @@ def _import(args: argparse.Namespace) -> int:
     if args.gold < 0:
         raise UserError(f"--gold is a number of test questions, 0 or more, got {args.gold}")
     metrics = pretrain(PretrainConfig.imported(n_test=args.gold), Path(args.out), source)
-    gold = f", gold accuracy (greedy, {args.gold} test questions) {metrics['gold_accuracy_greedy']:.3f}" if args.gold else ""
+    gold = (f", gold accuracy (greedy, {args.gold} test questions) {metrics['gold_accuracy_greedy']:.3f}"
+            if args.gold else "")
     print(f"imported {source} as a {metrics['family']} run ({metrics['policy_parameters']:,} policy parameters, "
           f"a fresh reward head{gold}) -> {args.out}; publish it with `fuseloop export {args.out} --repo REPO`")
     return 0

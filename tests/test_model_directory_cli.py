@@ -54,7 +54,8 @@ def test_pretrain_fine_tunes_a_model_directory_into_a_run_that_from_pretrained_l
     # Users are never locked in: the fine-tuned policy is a model directory transformers reads.
     model = VisionEncoderDecoderModel.from_pretrained(str(out / "policy"), local_files_only=True)
     assert torch.equal(model.state_dict()["decoder.lm_head.weight"], ckpt.policy.state_dict()["decoder.lm_head.weight"])
-    assert len(AutoTokenizer.from_pretrained(str(out / "policy"), local_files_only=True)) == len(ckpt.preprocessor.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "policy"), local_files_only=True)
+    assert len(tokenizer) == len(ckpt.preprocessor.tokenizer)
 
 
 def test_import_takes_the_model_as_it_is_with_a_fresh_reward_head(model_dir, imported):

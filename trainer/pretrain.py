@@ -25,6 +25,8 @@ from tqdm import tqdm
 from fuseloop.checkpoint import Checkpoint
 from fuseloop.errors import UserError
 from fuseloop.families import ModelFamily, family_for
+from fuseloop.families.hf_directory import OpenedModel, open_model_directory
+from fuseloop.families.hf_loading import ModelDirectoryError
 from fuseloop.model import ModelConfig, count_parameters
 from fuseloop.preprocessing import PreprocessConfig, Preprocessor
 from fuseloop.scenes import BiasedAnnotator, Example, SceneTaskConfig, alternative_answer, make_split, render, task_texts
@@ -172,28 +174,15 @@ def train_initial_reward(reward: nn.Module, pre: Preprocessor, data: PretrainDat
     return losses
 
 
-@dataclass
-class BaseModel:
-    """What a model source gives: the family, its policy and its preprocessing."""
-
-    family: ModelFamily
-    policy: nn.Module
-    preprocessor: Preprocessor
-
-
-def open_source(source: ModelSource, cfg: PretrainConfig) -> BaseModel:
+def open_source(source: ModelSource, cfg: PretrainConfig) -> OpenedModel:
     """The builtin: a tokenizer trained on the task's texts and a fresh FusedPolicy of cfg.model.
     hf:DIR: the directory's family, policy and preprocessor (its own tokenizer, chat template and
     image processor); refused with what is missing before anything is trained or written."""
     if not source.builtin:
-        from fuseloop.families.hf_directory import open_model_directory
-        from fuseloop.families.hf_loading import ModelDirectoryError
-
         try:
-            opened = open_model_directory(source.directory, cfg.preprocess)
-        except ModelDirectoryError as e:
+            return open_model_directory(source.directory, cfg.preprocess)
+        except ModelDirectoryError as e:  # a UserError already; the command exits 1 for a bad source
             raise ModelSourceError(str(e)) from None
-        return BaseModel(opened.family, opened.policy, opened.preprocessor)
     task = SceneTaskConfig(image_size=cfg.preprocess.image_size)
     tokenizer = train_tokenizer(task_texts(task))
     model_cfg = replace(cfg.model, vocab_size=len(tokenizer), image_size=cfg.preprocess.image_size,
@@ -201,7 +190,7 @@ def open_source(source: ModelSource, cfg: PretrainConfig) -> BaseModel:
                         max_response_tokens=cfg.preprocess.max_response_tokens,
                         pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id)
     family = family_for(None)
-    return BaseModel(family, family.build(model_cfg.to_dict()), Preprocessor(tokenizer, cfg.preprocess))
+    return OpenedModel(family, family.build(model_cfg.to_dict()), Preprocessor(tokenizer, cfg.preprocess))
 
 
 def pretrain(cfg: PretrainConfig, out_dir: Path, source: ModelSource = ModelSource()) -> dict:
