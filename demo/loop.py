@@ -1,6 +1,10 @@
 """Recipe: the whole loop on one machine. Pretrain -> export v1 -> start the inference and
 feedback services -> simulated users -> N rounds of train, gate, then a canary judged by the live
-users (promote or roll back), while traffic goes on."""
+users (promote or roll back), while traffic goes on.
+
+The base is the built-in model, or (`model`, a Hugging Face family's name) a tiny model of that
+family written as a model directory (fuseloop/families/tiny.py) and fine-tuned on the task through
+the same path as a team's own: `pretrain --model hf:DIR`."""
 
 from __future__ import annotations
 
@@ -20,19 +24,29 @@ from fuseloop.bus import TopicConfig
 from fuseloop.bus.url import open_bus
 from fuseloop.checkpoint import Checkpoint
 from fuseloop.config_file import build
+from fuseloop.errors import UserError
 from fuseloop.repository import ModelRepository
 from fuseloop.scenes import Example, SceneTaskConfig, make_split, png_bytes, render
 from trainer.deploy import AdminDeployer
 from trainer.eval_set import EvalItem, EvalSet, write_eval_set
 from trainer.export import publish
-from trainer.pretrain import PretrainConfig, pretrain
+from trainer.pretrain import ModelSource, PretrainConfig, pretrain
 from trainer.rollout import WAIT, Decision, RolloutConfig, RolloutController
 from trainer.round import TrainConfig, Trainer
 from trainer.schedule import gate_check
 
 
+# Family name -> "module:function" writing a tiny model directory of it (function(directory, TinyConfig)).
+TINY_BUILDERS = {
+    "hf-encoder-decoder": "fuseloop.families.tiny:build_encoder_decoder",
+    "hf-llava": "fuseloop.families.tiny:build_llava",
+}
+
+
 @dataclass
 class DemoConfig:
+    model: str = "builtin"  # or a family of TINY_BUILDERS: its tiny model, fine-tuned as a model directory
+    tiny: dict = field(default_factory=dict)  # TinyConfig overrides for that model
     rounds: int = 3
     users: int = 6
     requests_per_round: int = 1200
@@ -65,6 +79,36 @@ class DemoConfig:
                    canary_percent=50.0, canary_max_requests=1500, canary_max_s=120.0)
 
 
+    @classmethod
+    def for_model(cls, model: str, out: Path, quick: bool = False) -> "DemoConfig":
+        """The demo's settings for a base model: the built-in one's as they are; a tiny Hugging
+        Face model's fine-tuning settings (PretrainConfig.for_source) on the same loop."""
+        if model != "builtin" and model not in TINY_BUILDERS:
+            raise UserError(f"demo model {model!r}: give builtin or one of {', '.join(TINY_BUILDERS)}")
+        cfg = cls.quick(out) if quick else cls(out=out)
+        if model == "builtin":
+            return cfg
+        # The tiny model starts random, so it is trained from scratch, not fine-tuned: a higher
+        # rate than a pretrained model's; fewer steps, each costing a transformer's CPU time.
+        pretrain = replace(PretrainConfig.for_source(ModelSource(out)), lr=2e-3, steps=1200, reward_steps=50,
+                           n_test=cfg.pretrain.n_test)
+        return replace(cfg, model=model, pretrain=pretrain)
+
+
+def base_source(cfg: DemoConfig, out: Path) -> ModelSource:
+    """The pretraining source: the built-in model, or the tiny model of `cfg.model` written as a
+    model directory under `out` (refused as any directory is when its family is not registered)."""
+    if cfg.model == "builtin":
+        return ModelSource()
+    import importlib
+
+    from fuseloop.families.tiny import TinyConfig
+
+    module, function = TINY_BUILDERS[cfg.model].split(":")
+    directory = getattr(importlib.import_module(module), function)(out / "hf-model", TinyConfig(**cfg.tiny))
+    return ModelSource(Path(directory))
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     from services.feedback.server import FeedbackServer, FeedbackServiceConfig
     from services.inference.config import InferenceServiceConfig
@@ -83,8 +127,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     run_dir, repo = out / "base-run", ModelRepository(out / "model-repository")
     if repo.versions():
         raise SystemExit(f"{repo.root} already has versions: pass a fresh --out")
-    log(f"[1/4] pretraining the base policy and reward model -> {run_dir}")
-    base_metrics = pretrain(cfg.pretrain, run_dir)
+    source = base_source(cfg, out)
+    log(f"[1/4] pretraining the base policy and reward model ({source}) -> {run_dir}")
+    base_metrics = pretrain(cfg.pretrain, run_dir, source)
     ckpt = Checkpoint.load(run_dir)
     log("[2/4] exporting version 1 (ONNX, Triton layout)")
     publish(ckpt, repo, metrics=base_metrics, lineage={"source": "pretrain"})
@@ -139,7 +184,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         inference.stop()
         bus.close()
     result = {"base_gold_accuracy": base_gold, "final_gold_accuracy": rounds[-1]["gold_accuracy"] if rounds else base_gold,
-              "rounds": rounds, "base": {k: base_metrics[k] for k in ("policy_parameters", "train_seconds")},
+              "rounds": rounds,
+              "base": {k: base_metrics[k] for k in ("model_source", "family", "policy_parameters", "train_seconds")},
               "user_model": asdict(cfg.user_model), "canary_percent": train_config.rollout.canary_percent,
               "seconds": round(time.perf_counter() - t_start, 1), "out": str(out), "bus": bus_url}
     write_report_png(out / "report.png", result)

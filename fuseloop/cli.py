@@ -13,16 +13,39 @@ from pathlib import Path
 def _pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from trainer.pretrain import PretrainConfig, pretrain
+    from fuseloop.errors import UserError
+    from trainer.pretrain import ModelSource, PretrainConfig, pretrain
 
-    cfg = PretrainConfig.quick() if args.quick else PretrainConfig()
-    if args.steps:
+    source = ModelSource.parse(args.model)
+    cfg = PretrainConfig.for_source(source, quick=args.quick)
+    if args.steps is not None:
+        if args.steps < 0:
+            raise UserError(f"--steps is a number of policy steps, 0 or more, got {args.steps}")
         cfg = replace(cfg, steps=args.steps)
     if args.fusion:
+        if not source.builtin:
+            raise UserError("--fusion chooses the built-in model's fusion; a model directory brings its own")
         cfg = replace(cfg, model=replace(cfg.model, fusion=args.fusion))
-    metrics = pretrain(cfg, Path(args.out))
+    metrics = pretrain(cfg, Path(args.out), source)
     print(json.dumps(metrics, indent=2))
     print(f"base gold accuracy (greedy, test split): {metrics['gold_accuracy_greedy']:.3f}  -> {args.out}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from fuseloop.errors import UserError
+    from trainer.pretrain import ModelSource, PretrainConfig, pretrain
+
+    source = ModelSource.parse(args.model)
+    if source.builtin:
+        raise UserError("import reads a model directory: give hf:DIR (`fuseloop pretrain` builds the built-in model)")
+    if args.gold < 0:
+        raise UserError(f"--gold is a number of test questions, 0 or more, got {args.gold}")
+    metrics = pretrain(PretrainConfig.imported(n_test=args.gold), Path(args.out), source)
+    gold = (f", gold accuracy (greedy, {args.gold} test questions) {metrics['gold_accuracy_greedy']:.3f}"
+            if args.gold else "")
+    print(f"imported {source} as a {metrics['family']} run ({metrics['policy_parameters']:,} policy parameters, "
+          f"a fresh reward head{gold}) -> {args.out}; publish it with `fuseloop export {args.out} --repo REPO`")
     return 0
 
 
@@ -44,7 +67,7 @@ def _demo(args: argparse.Namespace) -> int:
     from fuseloop.errors import UserError
 
     out = Path(args.out) if args.out else Path("demo-out") / time.strftime("%Y%m%d-%H%M%S")
-    cfg = DemoConfig.quick(out) if args.quick else DemoConfig(out=out)
+    cfg = DemoConfig.for_model(args.model, out, quick=args.quick)
     cfg = replace(cfg, **{k: v for k, v in (("rounds", args.rounds), ("users", args.users), ("bus", args.bus),
                                             ("requests_per_round", args.requests_per_round),
                                             ("canary_percent", args.canary)) if v is not None})
@@ -68,6 +91,11 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# The families `fuseloop demo --model` can build a tiny model of (demo.loop.TINY_BUILDERS; kept
+# here as names so that --help does not import transformers).
+DEMO_HF_MODELS = ("hf-encoder-decoder", "hf-llava")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuseloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,9 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="supervised pretraining of the base policy and initial reward model")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--quick", action="store_true", help="a tiny setting for tests")
-    p.add_argument("--steps", type=int, default=0, help="override the number of policy steps")
-    p.add_argument("--fusion", choices=("early", "late", "hybrid"), help="fusion of image and prompt")
+    p.add_argument("--model", default="builtin", metavar="SOURCE",
+                   help="builtin (default: trained from scratch) or hf:DIR, a local Hugging Face model directory "
+                        "(config, safetensors weights, tokenizer, image processor) to fine-tune")
+    p.add_argument("--steps", type=int, default=None, help="override the number of policy steps")
+    p.add_argument("--fusion", choices=("early", "late", "hybrid"), help="fusion of image and prompt (builtin)")
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("import", help="a local Hugging Face model directory as a run directory, as it is "
+                                      "(no task training; a fresh reward head), ready for `fuseloop export`")
+    p.add_argument("model", metavar="hf:DIR", help="the model directory (config, safetensors weights, tokenizer, "
+                                                   "image processor)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--gold", type=int, default=0, metavar="N",
+                   help="also measure gold accuracy on N test questions of the built-in task (default: none)")
+    p.set_defaults(func=_import)
 
     p = sub.add_parser("export", help="export a run directory as the next version of a model repository")
     p.add_argument("run_dir")
@@ -86,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("demo", help="the closed loop on one machine with simulated users")
+    p.add_argument("--model", default="builtin", choices=("builtin", *DEMO_HF_MODELS),
+                   help="the base: builtin (default), or a tiny Hugging Face model of that family, built locally "
+                        "and fine-tuned on the task through `pretrain --model hf:DIR`")
     p.add_argument("--rounds", type=int)
     p.add_argument("--users", type=int, help="concurrent simulated users")
     p.add_argument("--requests-per-round", type=int)

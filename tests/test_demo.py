@@ -41,3 +41,22 @@ def test_a_short_demo_improves_the_model_and_deploys_only_improvements(tmp_path,
     assert any(r["deployed"] for r in rounds), "one round of feedback yields a better, deployed version"
     assert result["final_gold_accuracy"] > result["base_gold_accuracy"]
     assert (out / "report.png").exists() and (out / "trainer" / "rounds.csv").exists()
+
+
+def test_an_hf_demo_fine_tunes_a_tiny_model_directory_of_its_family_through_hf_dir(tmp_path):
+    """`fuseloop demo --model hf-encoder-decoder`: the base is a tiny model written as a model
+    directory, pretrained through the same path as a team's own (`pretrain --model hf:DIR`)."""
+    from demo.loop import TINY_BUILDERS, DemoConfig, base_source
+    from fuseloop.cli import DEMO_HF_MODELS
+    from fuseloop.families.hf_directory import open_model_directory
+    from trainer.pretrain import PretrainConfig
+
+    assert set(DEMO_HF_MODELS) == set(TINY_BUILDERS)  # --model's choices
+    builtin = DemoConfig.for_model("builtin", tmp_path, quick=True)
+    assert builtin == DemoConfig.quick(tmp_path)  # the default demo stays as it is
+    assert base_source(builtin, tmp_path).builtin
+    cfg = DemoConfig.for_model("hf-encoder-decoder", tmp_path, quick=True)
+    assert cfg.model == "hf-encoder-decoder" and cfg.pretrain.lr < PretrainConfig().lr
+    source = base_source(cfg, tmp_path)
+    assert source.directory == tmp_path / "hf-model"
+    assert open_model_directory(source.directory).family.name == "hf-encoder-decoder"
