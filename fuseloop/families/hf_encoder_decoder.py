@@ -18,7 +18,6 @@ template, so served and trained prompt ids are this prefix, right-padded. Graphs
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,12 +228,7 @@ def _right_aligned(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nd
 # -- the family interface ------------------------------------------------------------------------
 
 def config_dict(config: VisionEncoderDecoderConfig) -> dict:
-    """The config as JSON keeps it (so a manifest's copy compares equal), without the fields that
-    say where and with what it was saved rather than what it is."""
-    def strip(d: dict) -> dict:
-        return {k: strip(v) if isinstance(v, dict) and k in ("encoder", "decoder") else v
-                for k, v in d.items() if k not in ("_name_or_path", "transformers_version")}
-    return json.loads(json.dumps(strip(config.to_dict())))
+    return hf_layout.config_dict(config, ("encoder", "decoder"))
 
 
 class HFEncoderDecoderStepper(Stepper):

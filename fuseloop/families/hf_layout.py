@@ -13,8 +13,10 @@ Both families (`hf_encoder_decoder`, `hf_llava`) feed a causal text model `promp
 
 from __future__ import annotations
 
+import json
+
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import DynamicCache, PretrainedConfig, PreTrainedTokenizerBase
 
 from fuseloop.preprocessing import chat_prompt, pad_right
 
@@ -87,3 +89,12 @@ def pack_past(cache: DynamicCache) -> torch.Tensor:
 def empty_past(batch: int, n_layers: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
     """A cache holding no tokens yet: (B, 2L, H, 0, hd)."""
     return torch.zeros(batch, 2 * n_layers, n_kv_heads, 0, head_dim)
+
+
+def config_dict(config: PretrainedConfig, nested: tuple[str, ...]) -> dict:
+    """The config as JSON keeps it (so a manifest's copy compares equal), without the fields that
+    say where and with what it was saved rather than what it is; `nested` names its sub-configs."""
+    def strip(d: dict) -> dict:
+        return {k: strip(v) if isinstance(v, dict) and k in nested else v
+                for k, v in d.items() if k not in ("_name_or_path", "transformers_version")}
+    return json.loads(json.dumps(strip(config.to_dict())))

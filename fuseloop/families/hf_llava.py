@@ -29,7 +29,6 @@ needed; tests/test_hf_llava_family.py checks both shapes against PyTorch.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -303,12 +302,7 @@ def onnx_generate(sessions: dict, bundle: LlavaBundle, pixel_values: np.ndarray,
 # -- the family interface ------------------------------------------------------------------------
 
 def config_dict(config: LlavaConfig) -> dict:
-    """The config as JSON keeps it (so a manifest's copy compares equal), without the fields that
-    say where and with what it was saved rather than what it is."""
-    def strip(d: dict) -> dict:
-        return {k: strip(v) if isinstance(v, dict) and k in ("text_config", "vision_config") else v
-                for k, v in d.items() if k not in ("_name_or_path", "transformers_version")}
-    return json.loads(json.dumps(strip(config.to_dict())))
+    return hf_layout.config_dict(config, ("text_config", "vision_config"))
 
 
 class HFLlavaStepper(Stepper):
