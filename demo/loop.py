@@ -90,7 +90,7 @@ class DemoConfig:
             return cfg
         # The tiny model starts random, so it is trained from scratch, not fine-tuned: a higher
         # rate than a pretrained model's; fewer steps, each costing a transformer's CPU time.
-        pretrain = replace(PretrainConfig.for_source(ModelSource(out)), lr=2e-3, steps=1200, reward_steps=50,
+        pretrain = replace(PretrainConfig.for_source(ModelSource(out)), lr=2e-3, steps=1200, reward_steps=300,
                            n_test=cfg.pretrain.n_test)
         return replace(cfg, model=model, pretrain=pretrain)
 
