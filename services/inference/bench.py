@@ -46,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fuseloop.repository import REWARD, ModelRepository
+from services.inference.process_memory import peak_rss_bytes
 
 PROMPT_COUNT = 64
 
@@ -220,19 +221,6 @@ def _serve(repo: str, max_batch: int, threads: int, port_queue) -> None:
     asyncio.run(main())
 
 
-def peak_rss_bytes(pid: int | None) -> int | None:
-    """A live process's peak resident set (VmHWM), or None when it can't be read.
-    TODO: use services.inference's peak_rss_bytes(pid) once it lands (this is a local stand-in)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except (OSError, TypeError, ValueError):
-        pass
-    return None
-
-
 def cpu_seconds(pids: list[int | None]) -> float:
     """User + system CPU time so far of live processes (all their threads); unreadable ones count 0."""
     total = 0.0
@@ -289,7 +277,8 @@ class ServerProcess:
 
     def peak_rss(self) -> dict[str, int | None]:
         """Peak RSS in bytes so far of the server process and of its engine process."""
-        return {"server": peak_rss_bytes(self.process.pid), "engine": peak_rss_bytes(self.engine_pid)}
+        return {"server": peak_rss_bytes(self.process.pid),
+                "engine": peak_rss_bytes(self.engine_pid) if self.engine_pid else None}
 
     def __exit__(self, *exc: object) -> None:
         self.process.terminate()
