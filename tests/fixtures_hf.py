@@ -22,6 +22,22 @@ from trainer.export import publish
 MAX_NEW = 12
 
 
+def decoder_weights(graph: Path) -> set[str]:
+    """The names of the policy decoder's weights an exported graph holds (its initializers)."""
+    import onnx
+
+    return {i.name for i in onnx.load(str(graph), load_external_data=False).graph.initializer if ".decoder." in i.name}
+
+
+def assert_cross_attention_is_projected_once(encoder_graph: Path, decoder_graph: Path) -> None:
+    """An encoder-decoder's graphs: the encoder graph holds the decoder weights that project the
+    image tokens into cross-attention keys and values (and no others: the dummy pass that runs
+    them leaves nothing else behind), and the step graph holds none of them."""
+    kv = decoder_weights(encoder_graph)
+    assert kv, "the encoder graph computes no cross-attention cache"
+    assert not kv & decoder_weights(decoder_graph), "the decoder graph still projects the image tokens"
+
+
 def hf_generate_encoder_decoder(model, pixel_values, ids, max_new):
     return model.generate(pixel_values=pixel_values, decoder_input_ids=ids, max_new_tokens=max_new, do_sample=False)
 

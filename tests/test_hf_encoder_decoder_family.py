@@ -21,15 +21,15 @@ import torch
 
 from fuseloop.checkpoint import Checkpoint
 from fuseloop.families import DecodeState, family_for
-from fuseloop.families.hf_encoder_decoder import HFEncoderDecoderFamily, HFEncoderDecoderStepper
+from fuseloop.families.hf_encoder_decoder import HFEncoderDecoderFamily, HFEncoderDecoderStepper, cache_shape
 from fuseloop.preprocessing import Preprocessor
-from fuseloop.repository import MODELS, ModelRepository
+from fuseloop.repository import DECODER, ENCODER, MODELS, ModelRepository
 from fuseloop.scenes import make_split, png_bytes, render
 from fuseloop.v1 import events_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.config import InferenceServiceConfig
 from services.inference.runtime.onnx_runtime import OnnxRuntime, OnnxRuntimeConfig
 from services.inference.server import InferenceServer, ServerThread
-from tests.fixtures_hf import MAX_NEW, FamilyRun
+from tests.fixtures_hf import MAX_NEW, FamilyRun, assert_cross_attention_is_projected_once
 from trainer.export import publish, same_architecture_graphs, swap_weights
 
 EXAMPLES = make_split("validation", 6)
@@ -86,6 +86,23 @@ def test_publish_records_the_family_and_onnx_runtime_matches_pytorch(published):
     assert manifest.family == "hf-encoder-decoder"
     assert manifest.model_config == published.ckpt.model_config  # so the next version can swap weights in
     assert manifest.metrics["export_max_abs_diff"] < 1e-4
+
+
+def test_the_encoder_graph_computes_the_cross_attention_cache_the_decoder_graph_only_reads_it(published):
+    """The memory is every decoder layer's cross-attention keys and values, image tokens second
+    (cross_past (B, N, 2L, H, hd)), as the model's own forward caches them; a decode step holds
+    none of the weights that project them, so no step recomputes them over the image tokens."""
+    model = published.bundle.model
+    pixels, ids, *_ = published.batch(EXAMPLES[:2])
+    (cross,) = published.sessions[ENCODER].run(None, {"pixel_values": pixels.numpy()})
+    with torch.no_grad():
+        cache = model(pixel_values=pixels, decoder_input_ids=ids, use_cache=True).past_key_values.cross_attention_cache
+    L, H, hd = cache_shape(model.config)
+    assert cross.shape[2:] == (2 * L, H, hd) and len(cache.layers) == L
+    for i, layer in enumerate(cache.layers):  # (B, H, N, hd) each
+        np.testing.assert_allclose(cross[:, :, 2 * i], layer.keys.transpose(1, 2).numpy(), atol=1e-4)
+        np.testing.assert_allclose(cross[:, :, 2 * i + 1], layer.values.transpose(1, 2).numpy(), atol=1e-4)
+    assert_cross_attention_is_projected_once(published.paths[ENCODER], published.paths[DECODER])
 
 
 def test_served_greedy_generate_equals_the_torch_policy_and_score_its_reward_model(published, stub):

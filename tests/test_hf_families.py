@@ -213,8 +213,8 @@ def _onnx_logprobs(family, pixels, ids, mask, r_ids, r_mask) -> np.ndarray:
         # The graph's raw logits; the family's policy (and its stepper) never answer with the placeholder.
         logits = family.module.without_placeholder(torch.from_numpy(logits), family.bundle.image_token_id).numpy()
     else:
-        (enc,) = run(s[family.module.ENCODER], pixel_values=pixels)
+        (cross,) = run(s[family.module.ENCODER], pixel_values=pixels)
         logits, _ = run(s[family.module.DECODER], input_ids=full, attention_mask=full_mask, position_ids=pos,
-                        encoder_hidden_states=enc, past=past)
+                        cross_past=cross, past=past)
     out = hf_layout.response_logprobs(torch.from_numpy(logits), r_ids, r_mask)
     return out.numpy()

@@ -37,13 +37,14 @@ from fuseloop.families import hf_lora
 from fuseloop.families.hf_directory import OpenedModel, open_model_directory
 from fuseloop.families.tiny import TinyConfig, build_encoder_decoder, task_tokenizer
 from fuseloop.preprocessing import PreprocessConfig, Preprocessor
-from fuseloop.repository import REWARD, ModelRepository
+from fuseloop.repository import DECODER, ENCODER, REWARD, ModelRepository
 from fuseloop.scenes import GoldOracle, make_examples, make_split, png_bytes, render
 from fuseloop.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, inference_pb2, inference_pb2_grpc
 from services.feedback.server import FeedbackServer, FeedbackServiceConfig
 from services.inference.config import InferenceServiceConfig
 from services.inference.runtime.onnx_runtime import OnnxRuntime, OnnxRuntimeConfig
 from services.inference.server import InferenceServer, ServerThread
+from tests.fixtures_hf import assert_cross_attention_is_projected_once
 from trainer.batches import ContextTensors, tokens_to_inputs
 from trainer.deploy import AdminDeployer, RecordDeployer
 from trainer.export import publish
@@ -361,6 +362,7 @@ def test_a_deit_encoder_with_a_bert_decoder_opens_publishes_and_serves_as_torch_
     repo = ModelRepository(tmp_path / "repo")
     manifest = publish(ckpt, repo)
     assert manifest.family == "hf-encoder-decoder" and manifest.metrics["export_max_abs_diff"] < 1e-4
+    assert_cross_attention_is_projected_once(repo.model_path(ENCODER, 1), repo.model_path(DECODER, 1))
     expected = greedy_answers(ckpt, EXAMPLES)
     assert len(set(expected)) > 1
     assert transformers_answers(repo.checkpoint_dir(1) / POLICY, EXAMPLES) == expected  # HF's own generate

@@ -52,7 +52,7 @@ def test_the_server_holds_the_reward_graph_until_a_client_asks_for_another(serve
     assert served.server.deployment.resident() == {version: [REWARD]} and engine == {version: [DECODER, ENCODER]}
     assert client.is_model_ready(ENCODER) and client.get_model_metadata(ENCODER).inputs  # from the manifest
     assert served.server.deployment.resident() == {version: [REWARD]}
-    assert client.infer(ENCODER, infer_inputs(arrays_for(published, ENCODER))).as_numpy("encoder_hidden_states").shape[0] == 2
+    assert client.infer(ENCODER, infer_inputs(arrays_for(published, ENCODER))).as_numpy("cross_past").shape[0] == 2
     assert served.server.deployment.resident() == {version: [ENCODER, REWARD]}
 
 
@@ -81,6 +81,7 @@ def test_the_bounds_are_the_decoders(published):
     (DECODER, "attention_mask", lambda a, v, p: a[:, 1:], "must be past length"),
     (REWARD, "response_mask", lambda a, v, p: a * 3, "mask values must be 0 or 1"),
     (REWARD, "prompt_ids", lambda a, v, p: a[:, :0], "dimension 1 is 0"),
+    (DECODER, "cross_past", lambda a, v, p: a[:, :0], "dimension 1 is 0"),  # no image tokens to attend to
 ])
 def test_a_clients_mistake_is_an_invalid_argument_naming_the_input(client, published, model, name, change, message):
     stepper = family_for(published.manifest).stepper(published.manifest.model_config, None)

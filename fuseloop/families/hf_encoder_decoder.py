@@ -5,13 +5,16 @@ The prompt is the decoder's prefix (chat-templated: [BOS] prompt [SEP] for the t
 left-padded); the image reaches the decoder through cross-attention only. Under the family
 interface (`HFEncoderDecoderFamily`), the Preprocessor applies the checkpoint tokenizer's chat
 template, so served and trained prompt ids are this prefix, right-padded. Graphs (repository names):
-- encoder: pixel_values (B, 3, H, W) f32 -> encoder_hidden_states (B, N, d) f32 (after the
-  model's enc_to_dec projection, when it has one);
+- encoder: pixel_values (B, 3, H, W) f32 -> cross_past (B, N, 2L, H, hd) f32: every decoder
+  layer's cross-attention keys (at 2i) and values (at 2i + 1) over the N image tokens, computed
+  once per image by the decoder's own code (`cross_cache`). Image tokens second, so the engine's
+  DecodeState holds it as `memory` (B, M, ...) and pads, joins and drops rows without knowing
+  the architecture;
 - decoder: input_ids (B, T) i64, attention_mask (B, P+T) i64, position_ids (B, T) i64,
-  encoder_hidden_states (B, N, d) f32, past (B, 2L, H, P, hd) f32 -> logits (B, T, V) f32,
+  cross_past (B, N, 2L, H, hd) f32, past (B, 2L, H, P, hd) f32 -> logits (B, T, V) f32,
   present (B, 2L, H, P+T, hd) f32. One graph for the prompt (P = 0) and each decode step (T = 1).
-  Cross-attention keys are recomputed from encoder_hidden_states each call, so the only cache is
-  the packed self-attention `past` (see hf_layout);
+  The cross cache enters as already computed, so no step projects the image tokens again, as
+  `generate()` does; `past` is the packed self-attention cache (see hf_layout);
 - reward: pixel_values, prompt_ids (B, S), prompt_mask (B, S), response_ids (B, R),
   response_mask (B, R) -> rewards (B,) f32 (prompts padded on either side).
 """
@@ -37,7 +40,7 @@ from fuseloop.families.onnx_export import export_onnx
 from fuseloop.model import sample_loop
 from fuseloop.repository import DECODER, ENCODER, REWARD
 
-OUTPUTS = {ENCODER: ["encoder_hidden_states"], DECODER: ["logits", "present"], REWARD: ["rewards"]}
+OUTPUTS = {ENCODER: ["cross_past"], DECODER: ["logits", "present"], REWARD: ["rewards"]}
 
 
 @dataclass
@@ -88,10 +91,32 @@ def encode(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor) -> torc
     return hidden
 
 
-def decode(model: VisionEncoderDecoderModel, input_ids, attention_mask, position_ids, encoder_hidden_states,
-           past: torch.Tensor, lm_head: bool = True):
-    """One decoder pass over T new tokens after P cached ones -> (logits or hidden, present)."""
-    cache = EncoderDecoderCache(unpack_past(past), DynamicCache())
+def cross_cache(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """pixel_values (B, 3, H, W) -> cross_past (B, N, 2L, H, hd): each decoder layer's
+    cross-attention keys and values over the image tokens. The decoder's own code computes them
+    (whatever its architecture): one pass over a dummy token fills an empty cross-attention cache."""
+    hidden = encode(model, pixel_values)
+    dummy = torch.zeros(hidden.shape[0], 1, dtype=torch.long, device=hidden.device)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    model.decoder.base_model(input_ids=dummy, attention_mask=torch.ones_like(dummy), encoder_hidden_states=hidden,
+                             past_key_values=cache, use_cache=True)
+    return pack_past(cache.cross_attention_cache).permute(0, 3, 1, 2, 4)  # (B, 2L, H, N, hd) -> image tokens 2nd
+
+
+def decode(model: VisionEncoderDecoderModel, input_ids, attention_mask, position_ids, cross_past, past: torch.Tensor,
+           lm_head: bool = True):
+    """One decoder pass over T new tokens after P cached ones, cross-attending through the cached
+    cross_past (B, N, 2L, H, hd) -> (logits or hidden, present)."""
+    cache = EncoderDecoderCache(unpack_past(past), unpack_past(cross_past.permute(0, 2, 3, 1, 4)))
+    cache.is_updated = {i: True for i in range(cross_past.shape[2] // 2)}  # the blocks read it, never project
+    # The blocks run cross-attention only when given encoder states; with the cache marked
+    # computed they read no more than its shape, so a zero-width view of it stands in.
+    placeholder = cross_past[:, :, 0, 0, :0]  # (B, N, 0)
+    return _decoder(model, input_ids, attention_mask, position_ids, placeholder, cache, lm_head)
+
+
+def _decoder(model, input_ids, attention_mask, position_ids, encoder_hidden_states, cache: EncoderDecoderCache,
+             lm_head: bool):
     decoder = model.decoder if lm_head else model.decoder.base_model
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   encoder_hidden_states=encoder_hidden_states, past_key_values=cache, use_cache=True)
@@ -101,8 +126,9 @@ def decode(model: VisionEncoderDecoderModel, input_ids, attention_mask, position
 
 def hidden_states(model, pixel_values, ids, mask, positions) -> torch.Tensor:
     """Final decoder hidden states (B, S, d) of a whole sequence (the reward model's read-out)."""
-    past = empty_past(ids.shape[0], *cache_shape(model.config))
-    hidden, _ = decode(model, ids, mask, positions, encode(model, pixel_values), past, lm_head=False)
+    # One pass: the image tokens are projected once either way, so straight from the encoder's states.
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    hidden, _ = _decoder(model, ids, mask, positions, encode(model, pixel_values), cache, lm_head=False)
     return hidden
 
 
@@ -134,7 +160,7 @@ def example_inputs(bundle: EncoderDecoderBundle, batch: int = 2,
     V = c.decoder.vocab_size
     pixels = torch.randn(batch, 3, size, size, generator=g)
     with torch.no_grad():
-        enc = encode(bundle.model, pixels)
+        cross = cross_cache(bundle.model, pixels)
     mask = torch.ones(batch, past_len + new_len, dtype=torch.long)
     mask[0, :1] = 0  # a left-padded cache row
     prompt_mask = torch.ones(batch, prompt_len, dtype=torch.long)
@@ -144,7 +170,7 @@ def example_inputs(bundle: EncoderDecoderBundle, batch: int = 2,
     return {
         ENCODER: dict(pixel_values=pixels),
         DECODER: dict(input_ids=torch.randint(4, V, (batch, new_len), generator=g), attention_mask=mask,
-                      position_ids=hf_layout.positions(mask)[:, past_len:], encoder_hidden_states=enc,
+                      position_ids=hf_layout.positions(mask)[:, past_len:], cross_past=cross,
                       past=torch.randn(batch, 2 * L, H, past_len, hd, generator=g)),
         REWARD: dict(pixel_values=pixels, prompt_ids=torch.randint(4, V, (batch, prompt_len), generator=g),
                      prompt_mask=prompt_mask, response_ids=torch.randint(4, V, (batch, 4), generator=g),
@@ -153,14 +179,14 @@ def example_inputs(bundle: EncoderDecoderBundle, batch: int = 2,
 
 
 class EncoderGraph(nn.Module):
-    """pixel_values -> encoder_hidden_states: the memory the decoder cross-attends to."""
+    """pixel_values -> cross_past: the decoder's cross-attention keys and values, the memory."""
 
     def __init__(self, model: VisionEncoderDecoderModel) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, pixel_values):
-        return encode(self.model, pixel_values)
+        return cross_cache(self.model, pixel_values)
 
 
 class DecoderGraph(nn.Module):
@@ -170,8 +196,8 @@ class DecoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, position_ids, encoder_hidden_states, past):
-        return decode(self.model, input_ids, attention_mask, position_ids, encoder_hidden_states, past)
+    def forward(self, input_ids, attention_mask, position_ids, cross_past, past):
+        return decode(self.model, input_ids, attention_mask, position_ids, cross_past, past)
 
 
 def graph_modules(bundle: EncoderDecoderBundle, reward: HFRewardModel) -> dict[str, nn.Module]:
@@ -186,7 +212,7 @@ def graphs(bundle: EncoderDecoderBundle, reward: HFRewardModel, **example) -> di
     dynamic = {
         ENCODER: {"pixel_values": {0: B}},
         DECODER: {"input_ids": {0: B, 1: T}, "attention_mask": {0: B, 1: torch.export.Dim.AUTO},
-                  "position_ids": {0: B, 1: T}, "encoder_hidden_states": {0: B, 1: N}, "past": {0: B, 3: P}},
+                  "position_ids": {0: B, 1: T}, "cross_past": {0: B, 1: N}, "past": {0: B, 3: P}},
         REWARD: {"pixel_values": {0: B}, "prompt_ids": {0: B, 1: S}, "prompt_mask": {0: B, 1: S},
                  "response_ids": {0: B, 1: R}, "response_mask": {0: B, 1: R}},
     }
@@ -232,9 +258,10 @@ def config_dict(config: VisionEncoderDecoderConfig) -> dict:
 
 
 class HFEncoderDecoderStepper(Stepper):
-    """Prefill: the encoder graph makes the memory, then the decoder graph reads each prompt but
-    its last token (the chat template's answer marker) into the cache; the first step feeds that
-    last token, so every step yields the next response token. Memory and past both non-empty."""
+    """Prefill: the encoder graph makes the memory (the cross-attention cache, `cross_past`), then
+    the decoder graph reads each prompt but its last token (the chat template's answer marker)
+    into the cache; the first step feeds that last token, so every step yields the next response
+    token. Memory and past both non-empty."""
 
     def __init__(self, model_config: dict, run) -> None:
         super().__init__(model_config, run)
@@ -258,15 +285,15 @@ class HFEncoderDecoderStepper(Stepper):
         if prefix.shape[1]:  # a one-token prompt (BOS alone) leaves the cache empty
             _, past = self.run(DECODER, {"input_ids": prefix, "attention_mask": prefix_mask,
                                          "position_ids": positions(torch.from_numpy(prefix_mask)).numpy(),
-                                         "encoder_hidden_states": memory, "past": past})
+                                         "cross_past": memory, "past": past})
         return DecodeState(tokens=ids[:, -1].copy(), positions=prefix_mask.sum(-1), past=past,
                            past_mask=prefix_mask.copy(), memory=memory,
                            memory_mask=np.ones(memory.shape[:2], dtype=np.int64), past_axis=3)
 
     def step_inputs(self, state: DecodeState, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
-        # The decoder graph cross-attends to all of memory: a fixed-size image encoder fills it.
+        # The decoder graph cross-attends to all of memory (the cross cache): a fixed-size image encoder fills it.
         return {"input_ids": state.tokens[:, None], "attention_mask": attention_mask,
-                "position_ids": state.positions[:, None], "encoder_hidden_states": state.memory, "past": state.past}
+                "position_ids": state.positions[:, None], "cross_past": state.memory, "past": state.past}
 
 
 class HFEncoderDecoderFamily(ModelFamily):
@@ -316,7 +343,7 @@ class HFEncoderDecoderFamily(ModelFamily):
     def generate(self, policy, pixel_values, prompt_ids, prompt_mask, max_new_tokens, temperature=1.0, top_p=1.0,
                  generator=None):
         ids, mask = left_align(prompt_ids, prompt_mask)
-        memory = encode(policy, pixel_values)
+        memory = cross_cache(policy, pixel_values)  # projected once per image, as serving does
         past = empty_past(len(ids), *cache_shape(policy.config)).to(memory)
         if ids.shape[1] > 1:
             _, past = decode(policy, ids[:, :-1], mask[:, :-1], positions(mask[:, :-1]), memory, past)

@@ -98,7 +98,7 @@ def check_graph_inputs(model: str, inputs: dict[str, np.ndarray], stepper: Stepp
     """What a graph itself needs beyond names, dtypes and ranks, for any family, by input name:
     token ids (`*_ids`) inside the vocabulary, at least one of them, and a `*_mask` partner of
     the same shape; 0/1 masks; position ids inside the position table; an `attention_mask` as long
-    as the cache (`past`) plus the new tokens; `memory` (or `encoder_hidden_states`) not empty. The
+    as the cache (`past`) plus the new tokens; `memory` (or `cross_past`) not empty. The
     bounds are the family's (`Stepper.vocab_size`, `max_positions`, `max_tokens`). `model` names
     the graph in messages."""
     vocab, table, own = stepper.vocab_size(), stepper.max_positions(), stepper.max_tokens()
@@ -140,7 +140,7 @@ def check_graph_inputs(model: str, inputs: dict[str, np.ndarray], stepper: Stepp
         if att.shape[1] > table:
             raise invalid(f"input attention_mask has length {att.shape[1]}; {model}'s position table has {table}")
         _mask("attention_mask", att)
-    for name in ("memory", "encoder_hidden_states"):
+    for name in ("memory", "cross_past"):
         memory = inputs.get(name)
         if memory is not None and memory.ndim >= 2:
             _not_empty(name, memory, 1)
