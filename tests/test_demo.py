@@ -50,6 +50,7 @@ def test_an_hf_demo_fine_tunes_a_tiny_model_directory_of_its_family_through_hf_d
     from fuseloop.cli import DEMO_HF_MODELS
     from fuseloop.families.hf_directory import open_model_directory
     from trainer.pretrain import PretrainConfig
+    from trainer.reward_training import RewardTrainConfig
 
     assert set(DEMO_HF_MODELS) == set(TINY_BUILDERS)  # --model's choices
     builtin = DemoConfig.for_model("builtin", tmp_path, quick=True)
@@ -57,6 +58,9 @@ def test_an_hf_demo_fine_tunes_a_tiny_model_directory_of_its_family_through_hf_d
     assert base_source(builtin, tmp_path).builtin
     cfg = DemoConfig.for_model("hf-encoder-decoder", tmp_path, quick=True)
     assert cfg.model == "hf-encoder-decoder" and cfg.pretrain.lr < PretrainConfig().lr
+    # A transformer's reward model trains at a lower rate than the built-in one's.
+    assert cfg.train["reward"].lr < RewardTrainConfig().lr
+    assert cfg.train["reward"].steps == builtin.train["reward"].steps  # quick stays quick
     source = base_source(cfg, tmp_path)
     assert source.directory == tmp_path / "hf-model"
     assert open_model_directory(source.directory).family.name == "hf-encoder-decoder"

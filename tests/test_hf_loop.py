@@ -1,4 +1,4 @@
-"""Issue 12, done when: a team's own Hugging Face encoder-decoder goes round the whole loop.
+"""Issue 12, done when: a team's own Hugging Face model goes round the whole loop.
 
 A tiny random `VisionEncoderDecoderModel` (ViT + GPT-2, fuseloop/families/tiny.py) is written with
 `save_pretrained`, opened as a model directory, given a few teacher-forced steps, and published.
@@ -8,16 +8,21 @@ service into the embedded bus; training rounds read that, gate for real, and a p
 is redeployed through the serving record, on which the server converges. What a round writes (a
 version's checkpoint, a refused candidate) is a directory `transformers` loads as it is.
 A second pairing (DeiT encoder + BERT decoder with cross-attention) shows the family is not GPT-2's.
+A LLaVA-style model (CLIP + projector + Llama, early fusion) goes through the same round, gate,
+redeploy and convergence.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import secrets
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,7 +32,8 @@ import pytest
 import torch
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
-from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+from transformers import (AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration,
+                          VisionEncoderDecoderModel)
 
 from demo.simulated_users import Shown, SimulatedUser, UserModel
 from fuseloop.bus import TopicConfig
@@ -35,7 +41,7 @@ from fuseloop.bus.url import open_bus
 from fuseloop.checkpoint import POLICY, Checkpoint
 from fuseloop.families import hf_lora
 from fuseloop.families.hf_directory import OpenedModel, open_model_directory
-from fuseloop.families.tiny import TinyConfig, build_encoder_decoder, task_tokenizer
+from fuseloop.families.tiny import TinyConfig, build_encoder_decoder, build_llava, task_tokenizer
 from fuseloop.preprocessing import PreprocessConfig, Preprocessor
 from fuseloop.repository import DECODER, ENCODER, REWARD, ModelRepository
 from fuseloop.scenes import GoldOracle, make_examples, make_split, png_bytes, render
@@ -103,13 +109,13 @@ def checkpoint_of(opened: OpenedModel) -> Checkpoint:
                       opened.preprocessor)
 
 
-@pytest.fixture(scope="module")
-def loop(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf-loop")
+@contextmanager
+def started_loop(root: Path, model_dir: Path) -> Iterator[Loop]:
+    """A team's model directory opened, given a few SFT steps, published as version 1 and served,
+    with the feedback service in front of the bus."""
     torch.manual_seed(0)
     # Answers of at most MAX_NEW tokens, in serving and in training (the round's samples and gate).
-    opened = open_model_directory(build_encoder_decoder(root / "team-model", TinyConfig(init_std=0.2)),
-                                  PreprocessConfig(max_response_tokens=MAX_NEW))
+    opened = open_model_directory(model_dir, PreprocessConfig(max_response_tokens=MAX_NEW))
     losses = sft(opened, steps=4, lr=1e-3)
     assert losses[-1] < losses[0]
     ckpt = checkpoint_of(opened)
@@ -131,6 +137,21 @@ def loop(tmp_path_factory):
         feedback.stop()
         inference.stop()
         bus.close()
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf-loop")
+    with started_loop(root, build_encoder_decoder(root / "team-model", TinyConfig(init_std=0.2))) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def llava_loop(tmp_path_factory):
+    """The same loop on a LLaVA-style model (CLIP vision tower + projector + Llama)."""
+    root = tmp_path_factory.mktemp("hf-llava-loop")
+    with started_loop(root, build_llava(root / "team-model", TinyConfig(init_std=0.2))) as running:
+        yield running
 
 
 def torch_inputs(pre: Preprocessor, examples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,19 +180,30 @@ def served(address: str, examples) -> tuple[list[str], set[str]]:
 
 
 def transformers_answers(directory: Path, examples) -> list[str]:
-    """Greedy answers as a `transformers` user gets them from the directory, knowing nothing of fuseloop."""
+    """Greedy answers as a `transformers` user gets them from the directory, knowing nothing of
+    fuseloop: the model class its config names, its tokenizer's chat template, its image processor
+    (a LLaVA model's processor, which expands the image token)."""
     d = str(directory)
-    model = VisionEncoderDecoderModel.from_pretrained(d, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(d, local_files_only=True)
-    images = AutoImageProcessor.from_pretrained(d, local_files_only=True)
+    llava = "Llava" in json.loads((directory / "config.json").read_text())["architectures"][0]
+    model = (LlavaForConditionalGeneration if llava else VisionEncoderDecoderModel).from_pretrained(
+        d, local_files_only=True).eval()
+    processor = (AutoProcessor if llava else AutoImageProcessor).from_pretrained(d, local_files_only=True)
+    tokenizer = processor.tokenizer if llava else AutoTokenizer.from_pretrained(d, local_files_only=True)
     answers = []
     for e in examples:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": e.prompt}], tokenize=False,
+        content = f"{processor.image_token} {e.prompt}" if llava else e.prompt
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-        ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
-        pixels = images(images=render(e.scene), return_tensors="pt").pixel_values
         with torch.no_grad():
-            out = model.generate(pixel_values=pixels, decoder_input_ids=ids, max_new_tokens=MAX_NEW, do_sample=False)
+            if llava:
+                inputs = processor(images=render(e.scene), text=text, return_tensors="pt")
+                ids = inputs["input_ids"]
+                out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+            else:
+                ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+                pixels = processor(images=render(e.scene), return_tensors="pt").pixel_values
+                out = model.generate(pixel_values=pixels, decoder_input_ids=ids, max_new_tokens=MAX_NEW,
+                                     do_sample=False)
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return answers
 
@@ -301,7 +333,9 @@ def test_a_lora_round_on_feedback_the_gate_refuses_keeps_a_candidate_transformer
     assert transformers_answers(candidate / POLICY, EXAMPLES) == greedy_answers(kept, EXAMPLES)
 
 
-def test_a_round_that_passes_the_gate_is_redeployed_and_the_server_converges(loop, tmp_path):
+@pytest.mark.parametrize("family", ["loop", "llava_loop"])
+def test_a_round_that_passes_the_gate_is_redeployed_and_the_server_converges(family, request, tmp_path):
+    loop = request.getfixturevalue(family)
     user_traffic(loop, requests=24, seed=2)
     # Any reward gain passes (the feedback of two dozen requests is noise); the KL budget is the default's.
     trainer = trainer_for(loop, tmp_path / "work", policy=replace(FEW_STEPS, lr=1e-4),
