@@ -113,6 +113,7 @@ class Preprocessor:
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token) if config.image_token else None
+        self.chat_form = chat_content_form(tokenizer, config.image_token)
 
     def memoized(self, maxsize: int | None = 4096) -> "Preprocessor":
         """This preprocessor, tokenizing each distinct prompt and response once (LRU of `maxsize`,
@@ -143,8 +144,7 @@ class Preprocessor:
         token = self.config.image_token
         if token and token in prompt:
             raise InvalidInput(f"prompt contains the image token {token!r}; the service places the image itself")
-        content = f"{token} {prompt}" if token else prompt
-        ids = self.tokenizer.encode(chat_prompt(self.tokenizer, content), add_special_tokens=False)
+        ids = self.tokenizer.encode(chat_prompt(self.tokenizer, prompt, token, self.chat_form), add_special_tokens=False)
         text = len(ids) - (1 if token else 0)
         if text > self.config.max_prompt_tokens:
             raise InvalidInput(f"prompt is {text} tokens; the limit is {self.config.max_prompt_tokens}")
@@ -197,14 +197,71 @@ def _copying(fn: Callable[[str], list[int]]) -> Callable[[str], list[int]]:
     return lambda text: list(fn(text))
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerFast, content: str) -> str:
-    """The prompt as the tokenizer's chat template renders it, ready for the answer to follow; the
-    text as it is when the tokenizer has no template (the built-in model's). A Hugging Face model's
-    checkpoint tokenizer carries its template, so serving and training prompt it as it expects."""
+# How a chat template takes the user's turn (`chat_content_form`).
+NO_TEMPLATE, TEXT, PARTS = "none", "text", "parts"
+_PROBE = "fuseloop probe 7"
+
+
+def chat_content_form(tokenizer: PreTrainedTokenizerFast, image_token: str = "") -> str:
+    """How the tokenizer's chat template takes a user turn: NO_TEMPLATE (none: the text as it is),
+    TEXT (a string, as text-only templates and the tiny models' take it) or PARTS (a list of content
+    parts, `[{"type": "image"}, {"type": "text", "text": ...}]`, as vision-language processors'
+    templates take it, e.g. llava-hf's, which renders a string turn as nothing at all).
+
+    Decided once, by rendering a probe both ways: a form is usable when the probe's text comes out
+    (a text-only template renders parts as their Python repr, so parts count only where they render
+    as the string does, or where the string does not render). With an image token, parts are used
+    only if the template places the image itself, exactly once; else the text form, with the
+    token put before the text. Raises ValueError when neither form renders the prompt."""
     if not getattr(tokenizer, "chat_template", None):
-        return content
+        return NO_TEMPLATE
+    as_text = _render(tokenizer, _PROBE)
+    as_parts = _render(tokenizer, [{"type": "text", "text": _PROBE}])
+    text_ok = as_text is not None and _PROBE in as_text
+    parts_ok = as_parts is not None and _PROBE in as_parts and (not text_ok or as_parts == as_text)
+    if image_token and parts_ok:
+        with_image = _render(tokenizer, _parts(_PROBE, image_token))
+        if with_image is not None and with_image.count(image_token) == 1:
+            return PARTS
+        parts_ok = False
+    if text_ok:
+        return TEXT
+    if parts_ok:
+        return PARTS
+    raise ValueError("the chat template renders neither a user turn given as a string nor one given as content "
+                     "parts ([{'type': 'text', 'text': ...}]) with the prompt's text in it"
+                     + (f", nor places the image token {image_token!r}" if image_token else ""))
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerFast, text: str, image_token: str = "", form: str | None = None) -> str:
+    """The prompt as the tokenizer's chat template renders it, ready for the answer to follow, with
+    the image token (for an early-fusion model) where the template or, for a text template, the
+    start of the turn puts it; the text as it is when the tokenizer has no template (the built-in
+    model's). A Hugging Face model's checkpoint tokenizer carries its template, so serving and
+    training prompt it as it expects. `form`: `chat_content_form`'s answer, if known."""
+    form = chat_content_form(tokenizer, image_token) if form is None else form
+    if form == PARTS:
+        return _apply(tokenizer, _parts(text, image_token))
+    content = f"{image_token} {text}" if image_token else text
+    return content if form == NO_TEMPLATE else _apply(tokenizer, content)
+
+
+def _parts(text: str, image_token: str) -> list[dict]:
+    return ([{"type": "image"}] if image_token else []) + [{"type": "text", "text": text}]
+
+
+def _apply(tokenizer: PreTrainedTokenizerFast, content: str | list[dict]) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+def _render(tokenizer: PreTrainedTokenizerFast, content: str | list[dict]) -> str | None:
+    """The probe's rendering, or None where the template fails on that form (a template may
+    index, filter or test the content in any way, and jinja raises many types)."""
+    try:
+        return _apply(tokenizer, content)
+    except Exception:
+        return None
 
 
 def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

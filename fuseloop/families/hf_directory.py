@@ -57,7 +57,10 @@ def open_model_directory(directory: Path, preprocess: PreprocessConfig = Preproc
     image_processor = load_image_processor(directory)
     policy = family.load_policy(directory)
     config = family.preprocess_config(policy, tokenizer, replace(preprocess, image_size=_pixels_size(image_processor)))
-    return OpenedModel(family, policy, Preprocessor(tokenizer, config, image_processor))
+    try:
+        return OpenedModel(family, policy, Preprocessor(tokenizer, config, image_processor))
+    except ValueError as e:  # the chat template (chat_content_form)
+        raise ModelDirectoryError(f"{directory}: {e}") from None
 
 
 def load_tokenizer(directory: Path):
@@ -71,6 +74,8 @@ def load_tokenizer(directory: Path):
             tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise ModelDirectoryError(f"{directory}: the tokenizer does not load: {e}") from None
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = processor_chat_template(directory)
     # Padding and the response's leading marker need ids; tokenizers such as GPT-2's have none.
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -79,6 +84,22 @@ def load_tokenizer(directory: Path):
     if tokenizer.eos_token is None:
         raise ModelDirectoryError(f"{directory}: the tokenizer has no end-of-sequence token (eos_token)")
     return tokenizer
+
+
+def processor_chat_template(directory: Path) -> str | None:
+    """The processor's chat template where the tokenizer has none: checkpoints saved by older
+    transformers keep it in chat_template.json or processor_config.json (llava-hf's do), which
+    AutoTokenizer does not read, and a prompt without its template is silently another prompt."""
+    for name in ("chat_template.json", "processor_config.json"):
+        path = directory / name
+        if path.is_file():
+            try:
+                template = json.loads(path.read_text()).get("chat_template")
+            except (ValueError, AttributeError):
+                raise ModelDirectoryError(f"{path}: not a JSON object") from None
+            if isinstance(template, str) and template:
+                return template
+    return None
 
 
 def load_image_processor(directory: Path):

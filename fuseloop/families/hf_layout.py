@@ -22,8 +22,9 @@ from fuseloop.preprocessing import chat_prompt, pad_right
 
 
 def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, image_token: str | None = None) -> str:
-    """The prompt as the model's chat template renders it, ready for the answer to follow."""
-    return chat_prompt(tokenizer, prompt if image_token is None else f"{image_token} {prompt}")
+    """The prompt as the model's chat template renders it, ready for the answer to follow, with the
+    image token placed as serving places it."""
+    return chat_prompt(tokenizer, prompt, image_token or "")
 
 
 def response_ids(tokenizer: PreTrainedTokenizerBase, responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
