@@ -61,6 +61,11 @@ def test_an_hf_demo_fine_tunes_a_tiny_model_directory_of_its_family_through_hf_d
     # A transformer's reward model trains at a lower rate than the built-in one's.
     assert cfg.train["reward"].lr < RewardTrainConfig().lr
     assert cfg.train["reward"].steps == builtin.train["reward"].steps  # quick stays quick
+    assert cfg.rounds == builtin.rounds == 1
+    full = DemoConfig.for_model("hf-encoder-decoder", tmp_path)
+    # The measured full demo: four rounds, corrections weighted as much as the reward.
+    assert full.rounds == 4 and full.train["policy"].demo_weight == 1.0
+    assert DemoConfig.for_model("builtin", tmp_path).rounds == DemoConfig().rounds
     source = base_source(cfg, tmp_path)
     assert source.directory == tmp_path / "hf-model"
     assert open_model_directory(source.directory).family.name == "hf-encoder-decoder"

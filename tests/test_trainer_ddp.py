@@ -149,3 +149,22 @@ def test_two_ranks_share_the_partitions_stay_in_lockstep_and_rank0_publishes(qui
     assert lineage["inference_events"] == len(inference)
     assert lineage["new_feedback_events"] == len(feedback)
     assert set(lineage["store_offsets"]) == {f"{t}/{p}" for t, p in parts[0] | parts[1]}
+
+
+def test_each_rank_takes_fuseloop_trains_config_in_its_own_workdir_with_its_own_seeds(tmp_path):
+    """`python -m trainer.distributed` reads the same --config / --set / step flags as
+    `fuseloop train` (the last word wins), so a team's TOML file runs unchanged under torchrun."""
+    from trainer.distributed import build_parser, rank_config
+
+    toml = tmp_path / "train.toml"
+    toml.write_text("min_new_feedback = 5\n[policy]\nkl_beta = 0.07\nsteps = 11\n[reward]\nlr = 3e-4\n")
+    args = build_parser().parse_args(["--repo", "R", "--bus", "sqlite:///b.db", "--workdir", str(tmp_path / "w"),
+                                      "--config", str(toml), "--set", "policy.kl_beta=0.09", "--rm-steps", "7",
+                                      "--min-reward-gain=-1"])
+    configs = [rank_config(args, rank) for rank in (0, 1)]
+    for rank, config in enumerate(configs):
+        assert config.workdir == tmp_path / "w" / f"rank-{rank}"
+        assert (config.policy.kl_beta, config.policy.steps, config.reward.steps, config.reward.lr) == (0.09, 11, 7, 3e-4)
+        assert config.min_new_feedback == 5 and config.gate.min_reward_gain == -1
+    assert configs[1].policy.seed == configs[0].policy.seed + 1
+    assert configs[1].reward.seed == configs[0].reward.seed + 1

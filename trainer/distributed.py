@@ -1,6 +1,7 @@
 """The trainer under torchrun: one round recipe (`Trainer.run_round`), several processes, DDP on gloo.
 
     torchrun --nproc_per_node 2 -m trainer.distributed --repo R --bus URL --workdir W [--rounds N]
+        [--config FILE.toml] [--set NAME=VALUE] [--eval-set FILE.jsonl]
 
 Each rank is one member of the trainer's consumer group, so the group's partitions are shared
 between the ranks, and keeps its own dataset store (W/rank-R/dataset.db). The reward model and the
@@ -49,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.policy_gradient import SequenceLogprobs
 from trainer.reward_training import is_heldout
-from trainer.round import ProcessGroup
+from trainer.round import ProcessGroup, TrainConfig
 from trainer.signals import Context, TrainingSet
 
 OUTCOME = ("parent_version", "version", "deployed", "gate", "not_deployed_because", "deploy", "skipped")
@@ -153,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--deploy-to", help="inference service HOST:PORT (admin Deploy) or triton://HOST:PORT")
     p.add_argument("--admin-token", default=os.environ.get("FUSELOOP_ADMIN_TOKEN", ""))
+    p.add_argument("--config", help="TOML file setting TrainConfig fields, as `fuseloop train --config`")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="one TrainConfig field, e.g. policy.kl_beta=0.05 (after --config; repeatable)")
+    p.add_argument("--eval-set", help="JSONL eval set that the leader's gate scores (as `fuseloop train --eval-set`)")
+    p.add_argument("--eval-scorer", help="package.module:function(accepted_answers, answer) -> [0, 1]")
     p.add_argument("--rm-steps", type=int, help="reward-model steps per round")
     p.add_argument("--pg-steps", type=int, help="policy-gradient steps per round")
     p.add_argument("--min-new-feedback", type=int, help="fewer new feedback events (all ranks together): skip")
@@ -160,33 +166,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def rank_config(args: argparse.Namespace, rank: int) -> TrainConfig:
+    """The same config as `fuseloop train` builds (--config, the step flags, --set; the last word
+    wins), in the rank's own workdir, with the rank's own sampling seeds (the same seed would draw
+    the same minibatches and prompts on every rank)."""
+    from trainer.cli import train_config
+
+    flags = {"min_new_feedback": args.min_new_feedback, "gate.min_reward_gain": args.min_reward_gain}
+    args = argparse.Namespace(**{**vars(args), "set": [f"{k}={v}" for k, v in flags.items() if v is not None]
+                                 + list(args.set)})
+    config = train_config(args)
+    return replace(config, workdir=Path(args.workdir) / f"rank-{rank}",
+                   reward=replace(config.reward, seed=config.reward.seed + rank),
+                   policy=replace(config.policy, seed=config.policy.seed + rank))
+
+
 def main(argv: list[str] | None = None) -> int:
     from fuseloop.bus.url import open_bus
     from fuseloop.repository import ModelRepository
     from trainer.deploy import make_deployer
-    from trainer.round import TrainConfig, Trainer
+    from trainer.eval_set import EvalSet
+    from trainer.round import Trainer
 
     args = build_parser().parse_args(argv)
     group = GlooGroup()
     rank = group.rank
     torch.manual_seed(0)
-    config = TrainConfig(workdir=Path(args.workdir) / f"rank-{rank}")
-    # Each rank samples its own minibatches and prompts (the same seed would draw the same indices).
-    config = replace(config, reward=replace(config.reward, seed=config.reward.seed + rank,
-                                            **({"steps": args.rm_steps} if args.rm_steps is not None else {})),
-                     policy=replace(config.policy, seed=config.policy.seed + rank,
-                                    **({"steps": args.pg_steps} if args.pg_steps is not None else {})))
-    if args.min_new_feedback is not None:
-        config = replace(config, min_new_feedback=args.min_new_feedback)
-    if args.min_reward_gain is not None:
-        config = replace(config, gate=replace(config.gate, min_reward_gain=args.min_reward_gain))
+    config = rank_config(args, rank)
+    # Only the leader gates, so only it reads the eval set.
+    eval_set = EvalSet.from_file(Path(args.eval_set), args.eval_scorer) if args.eval_set and group.is_leader \
+        else None
     bus = open_bus(args.bus, client_id=f"fuseloop-trainer-{rank}")
     trainer = None
     try:
         check_copartitioned(bus, group.world_size)
         repo = ModelRepository(Path(args.repo))
         deployer = make_deployer(args.deploy_to, args.admin_token, repo) if group.is_leader else None
-        trainer = Trainer(config, bus, repo, deployer=deployer, group=group)
+        trainer = Trainer(config, bus, repo, deployer=deployer, group=group, eval_set=eval_set)
         group.keepalive = lambda: trainer.ingestor.consumer().position()
         for _ in range(args.rounds):
             # Join (or rejoin, after a long round) the group before anyone polls, so the first
