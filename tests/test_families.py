@@ -137,3 +137,24 @@ def test_the_runtime_serves_a_version_with_its_manifests_family_and_refuses_an_u
     path.write_text(json.dumps({**json.loads(path.read_text()), "family": "gpt-7"}))
     with pytest.raises(RepositoryError, match="version 2: unknown model family 'gpt-7'; known: .*builtin"):
         runtime.load(repo, 2)
+
+
+def test_a_version_whose_graphs_take_other_inputs_than_its_family_feeds_is_refused_at_load(repo_copy):
+    """A version exported by another release (the encoder-decoder family's decoder once took
+    `encoder_hidden_states`, now the cross-attention cache) is refused when it loads, naming the
+    inputs and how to re-export it, instead of failing on its first request."""
+    repo = ModelRepository(repo_copy)
+    path = repo.version_dir(ENCODER, 2) / MANIFEST
+    manifest = json.loads(path.read_text())
+    inputs = manifest["signatures"][DECODER]["inputs"]
+    manifest["signatures"][DECODER]["inputs"] = [
+        {**t, "name": "encoder_hidden_states"} if t["name"] == "memory" else t for t in inputs]
+    path.write_text(json.dumps(manifest))
+    runtime = OnnxRuntime(OnnxRuntimeConfig(device="cpu", intra_op_threads=1))
+    with pytest.raises(RepositoryError, match=r"version 2 was exported by another fuseloop release for the builtin "
+                       r"family: fuseloop_decoder takes \[.*'encoder_hidden_states'.*\], where this release feeds it "
+                       r"\[.*'memory'.*\]\. Export its checkpoint again"):
+        runtime.load(repo, 2)
+    for name in FAMILIES:  # each family says what it feeds each graph it runs
+        feeds = family_for(name).stepper_class.feeds
+        assert set(feeds) == set(MODELS) and all(feeds.values())

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fuseloop.repository import DECODER, REWARD
+from fuseloop.repository import DECODER, ENCODER, REWARD
 
 # Runs one exported graph of a loaded version: graph name, inputs by name -> its outputs, in the
 # order its signature lists them. ONNX Runtime and Triton each provide one.
@@ -133,11 +133,28 @@ def _pad(x: np.ndarray, axis: int, size: int, left: bool = False) -> np.ndarray:
 
 
 class Stepper(ABC):
-    """The serving side of a family over one version's graphs (numpy in, numpy out)."""
+    """The serving side of a family over one version's graphs (numpy in, numpy out).
+
+    `feeds`: the input names this stepper gives each graph it runs. A version is loaded only when
+    its manifest's graphs take exactly these (`check_feeds`), so a version exported by another
+    fuseloop release, whose graphs take other inputs, is refused at load, not at a request."""
+
+    feeds: dict[str, frozenset[str]] = {
+        REWARD: frozenset({"pixel_values", "prompt_ids", "prompt_mask", "response_ids", "response_mask"})}
 
     def __init__(self, model_config: dict, run: GraphRunner) -> None:
         self.model_config = model_config
         self.run = run
+
+    @classmethod
+    def check_feeds(cls, signatures: dict[str, dict[str, list[dict]]]) -> list[str]:
+        """-> what does not match between `feeds` and a manifest's signatures, one line a graph."""
+        problems = []
+        for graph, names in sorted(cls.feeds.items()):
+            takes = {t["name"] for t in signatures.get(graph, {}).get("inputs", [])}
+            if takes != names:
+                problems.append(f"{graph} takes {sorted(takes)}, where this release feeds it {sorted(names)}")
+        return problems
 
     @abstractmethod
     def prefill(self, pixel_values: np.ndarray, prompt_ids: np.ndarray, prompt_mask: np.ndarray) -> DecodeState:

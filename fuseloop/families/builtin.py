@@ -42,6 +42,9 @@ class DecoderStepGraph(nn.Module):
 
 
 class BuiltinStepper(Stepper):
+    feeds = {**Stepper.feeds, ENCODER: frozenset({"pixel_values", "prompt_ids", "prompt_mask"}),
+             DECODER: frozenset({"attention_mask", "input_ids", "memory", "memory_mask", "past", "position_ids"})}
+
     def prefill(self, pixel_values, prompt_ids, prompt_mask) -> DecodeState:
         memory, memory_mask = self.run(ENCODER, {"pixel_values": pixel_values, "prompt_ids": prompt_ids,
                                                  "prompt_mask": prompt_mask})

@@ -263,6 +263,10 @@ class HFEncoderDecoderStepper(Stepper):
     into the cache; the first step feeds that last token, so every step yields the next response
     token. Memory and past both non-empty."""
 
+    feeds = {**Stepper.feeds, ENCODER: frozenset({"pixel_values"}),
+             DECODER: frozenset({"attention_mask", "cross_past", "input_ids", "past", "position_ids"})}
+
+
     def __init__(self, model_config: dict, run) -> None:
         super().__init__(model_config, run)
         config = VisionEncoderDecoderConfig.from_dict(model_config)

@@ -310,6 +310,10 @@ class HFLlavaStepper(Stepper):
     reads them, but the last token's, into the cache. The first step feeds that last token by id.
     Past non-empty, memory empty (M = 0)."""
 
+    feeds = {**Stepper.feeds, ENCODER: frozenset({"pixel_values", "prompt_ids", "prompt_mask"}),
+             DECODER: frozenset({"attention_mask", "input_ids", "inputs_embeds", "past", "position_ids"})}
+
+
     def __init__(self, model_config: dict, run) -> None:
         super().__init__(model_config, run)
         config = LlavaConfig.from_dict(model_config)

@@ -51,6 +51,11 @@ class LoadedVersion(ABC):
             family = family_for(manifest)
         except UserError as e:  # e.g. a version written by a newer fuseloop
             raise RepositoryError(f"version {version}: {e}") from None
+        if problems := family.stepper_class.check_feeds(manifest.signatures):
+            raise RepositoryError(
+                f"version {version} was exported by another fuseloop release for the {family.name} family: "
+                f"{'; '.join(problems)}. Export its checkpoint again (`fuseloop export "
+                f"REPO/{ENCODER}/{version}/checkpoint --repo REPO`): that publishes it as a new version")
         self.stepper: Stepper = family.stepper(manifest.model_config, self.run)
 
     @abstractmethod
